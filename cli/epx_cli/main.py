@@ -1,0 +1,266 @@
+"""The `epx` command line. Results go to stdout (a rich table, or JSON); progress, warnings and errors to stderr.
+
+Exit codes: 0 ok · 1 runtime failure (divergence, missing data) · 2 usage error (unknown name, bad option)
+· 3 a requested threshold was not met.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ep_core.config import ConfigError
+from ep_core.plugins import PluginError, Registry, UnknownNameError, load
+from ep_core.protocols import EpxError
+from epx_cli.render import comparison_notes, comparison_table
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_THRESHOLD = 1, 2, 3
+
+# Piped output keeps every column of the comparison table instead of wrapping at rich's default 80.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+
+@functools.cache
+def registry() -> Registry:
+    return load()
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Map epx's exceptions to exit codes and one-line messages; no tracebacks for expected failures."""
+    from ep_core.data import DataNotFound
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, UnknownNameError) as exc:
+            fail(str(exc), EXIT_USAGE)
+        except (DataNotFound, PluginError, EpxError) as exc:
+            fail(str(exc), EXIT_RUNTIME)
+    return wrapper
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EpxGroup(click.Group):
+    """Adds plugins' commands on first use, so `epx` works even if a plugin's commands fail."""
+
+    def _plugin_commands(self) -> None:
+        if not getattr(self, "_loaded", False):
+            self._loaded = True
+            try:
+                registry().add_commands(self)
+            except PluginError as exc:
+                fail(str(exc), EXIT_RUNTIME)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        self._plugin_commands()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=EpxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="epx")
+def cli() -> None:
+    """epx: gradient estimators that avoid or approximate backpropagation, measured against the exact gradient.
+
+    \b
+    epx compare aep bptt --model cet      how close is AEP to the true gradient on cet?
+    epx list                              what is installed
+    epx info aep                          an estimator's options and exact limit
+    epx plugins                           which plugins loaded, and which failed
+    """
+
+
+KIND_OPTIONS = {"estimators": "estimator", "models": "model", "datasets": "dataset"}
+
+
+@cli.command("list")
+@click.argument("kind", required=False, type=click.Choice(sorted(KIND_OPTIONS)))
+@handle_errors
+def list_command(kind: str | None) -> None:
+    """List registered estimators, models and datasets."""
+    reg = registry()
+    for plural in [kind] if kind else list(KIND_OPTIONS):
+        table = Table(title=plural, title_justify="left", header_style="bold")
+        table.add_column("name")
+        table.add_column("plugin")
+        table.add_column("summary")
+        for name in reg.names(KIND_OPTIONS[plural]):
+            entry = reg.get(KIND_OPTIONS[plural], name)
+            table.add_row(name, entry.plugin, entry.summary)
+        out.print(table)
+    if reg.failures:
+        err.print(f"[yellow]warning:[/] {len(reg.failures)} plugin(s) failed to load; see `epx plugins`")
+
+
+@cli.command()
+@click.argument("name")
+@handle_errors
+def info(name: str) -> None:
+    """Show what NAME (an estimator, model or dataset) is: summary, exact limit, options and their ranges."""
+    reg = registry()
+    matches = [reg.entries[k][name] for k in ("estimator", "model", "dataset") if name in reg.entries[k]]
+    if not matches:
+        every = [n for k in ("estimator", "model", "dataset") for n in reg.names(k)]
+        raise UnknownNameError("estimator, model or dataset", name, every)
+    for entry in matches:
+        factory = entry.factory
+        out.print(f"[bold]{entry.name}[/] ({entry.kind}, from plugin {entry.plugin}): {entry.summary}")
+        if getattr(factory, "exact_limit", None):
+            out.print(f"exact limit: {factory.exact_limit}")
+        config = getattr(factory, "Config", None)
+        if config is not None:
+            rows = config.describe()
+            if rows:
+                table = Table(header_style="bold")
+                for column in ("option", "type", "default", "valid", "help"):
+                    table.add_column(column)
+                for row in rows:
+                    table.add_row(row["name"], row["type"], str(row["default"]), row["range"], row["help"])
+                out.print(table)
+            else:
+                out.print("no options")
+        doc = (getattr(factory, "__module__", None) and sys.modules[factory.__module__].__doc__) or ""
+        if doc and entry.kind == "estimator":
+            out.print(doc.strip(), highlight=False)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@handle_errors
+def plugins(as_json: bool) -> None:
+    """List plugins: where each came from, what it registered, and why it failed if it did."""
+    reg = registry()
+    records = [{"name": p.name, "distribution": p.distribution, "version": p.version, "status": p.status,
+                "registered": p.registered, "error": p.error} for p in reg.plugins]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    table = Table(title="plugins", title_justify="left", header_style="bold")
+    for column in ("name", "distribution", "version", "status", "registered", "error"):
+        table.add_column(column)
+    for r in records:
+        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
+        table.add_row(r["name"], r["distribution"], r["version"], status, ", ".join(r["registered"]),
+                      r["error"] or "")
+    out.print(table)
+
+
+@cli.command()
+@click.argument("estimators", nargs=-1, required=True)
+@click.option("--model", "-m", "model_name", required=True, help="Model to measure on (see `epx list models`).")
+@click.option("--ref", "reference", default="bptt", show_default=True, help="Reference estimator.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Estimator option, for every selected estimator that has it (beta=0.01) or one (aep.clip=1).")
+@click.option("--model-set", "model_settings", multiple=True, metavar="KEY=VALUE",
+              help="Model option, e.g. s=0.5, T1=400, eps=0.1, project=true.")
+@click.option("--data", default="auto", show_default=True,
+              help="Dataset; 'auto' uses Fashion-MNIST if found, else the generated 'sample' set with a warning.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to look for data first (then $EPX_DATA_DIR, ~/.cache/epx, system locations).")
+@click.option("--no-download", is_flag=True, help="Never try to download data.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds initialisation, data and masks.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per estimator (after one warm-up); the median is reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the comparison as JSON to this file (atomically).")
+@click.option("--min-cosine", type=float, default=None,
+              help="Exit 3 unless every estimator's overall cosine to the reference is at least this.")
+@handle_errors
+def compare(estimators: tuple[str, ...], model_name: str, reference: str, settings: tuple[str, ...],
+            model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, batch_size: int,
+            seed: int, device: str, dtype: str, repeats: int, as_json: bool, out_file: Path | None,
+            min_cosine: float | None) -> None:
+    """Compare ESTIMATORS against the reference gradient on one model and batch.
+
+    \b
+    epx compare aep bptt --model cet
+    epx compare ep aep adjoint --model cet --model-set s=0.5 --dtype float64 --set beta=0.001
+    """
+    import torch
+
+    from ep_core.session import parse_settings, run_comparison
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{device!r} requested but CUDA is not available here")
+    reg = registry()
+    for name in estimators:
+        reg.get("estimator", name)
+    reg.get("model", model_name)
+    reg.get("estimator", reference)
+    if not [e for e in estimators if e != reference]:
+        raise ConfigError("estimators", f"name at least one estimator besides the reference {reference!r}")
+    if reg.failures:
+        err.print(f"[yellow]warning:[/] {len(reg.failures)} plugin(s) failed to load; see `epx plugins`")
+
+    warned: list[str] = []
+
+    def warn(message: str) -> None:
+        warned.append(message)
+        err.print(f"[yellow]warning:[/] {message.removeprefix('warning: ')}", highlight=False)
+
+    with err.status("starting") as status:
+        def progress(label: str, done: int, total: int) -> None:
+            status.update(f"[{done}/{total}] {label}")
+
+        comparison = run_comparison(
+            reg, estimators, model_name, reference=reference,
+            settings=parse_settings(settings, "--set"), model_settings=parse_settings(model_settings, "--model-set"),
+            data=data, data_dir=data_dir, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+            repeats=repeats, download=not no_download, warn=warn, progress=progress)
+    result = comparison.to_json()
+    text = json.dumps(result, indent=2, allow_nan=False)
+    if out_file is not None:
+        write_atomic(out_file, text + "\n")
+        err.print(f"wrote {out_file}")
+    if as_json:
+        click.echo(text)
+    else:
+        out.print(comparison_table(result))
+        for note in comparison_notes(result):
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if min_cosine is not None:
+        below = [r["label"] for r in result["results"][1:]
+                 if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine]
+        if below:
+            fail(f"cosine below {min_cosine} for: {', '.join(below)}", EXIT_THRESHOLD)
+
+
+def main() -> None:
+    cli(prog_name="epx")

@@ -1,0 +1,231 @@
+"""The comparison harness: run estimators and the reference on one model and batch, and measure each estimate.
+
+Per estimator: cosine to the reference (all parameters, each parameter group, each parameter), relative L2 error
+||ĝ − g|| / ||g||, norm ratio ||ĝ|| / ||g||, median milliseconds per gradient after a warm-up (CUDA synchronised),
+peak memory (CUDA only: the CPU allocator keeps no high-water mark), the free-phase residual, and force
+evaluations. Whether repeated runs gave bit-identical gradients is recorded too. A parameter or group whose
+reference gradient is zero has no defined cosine and is reported as None ("n/a"), never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ep_core.protocols import Batch, GradientEstimate, parameter_groups
+
+FORMAT = "epx.comparison/1"
+CONVERGED_TOL = 1e-4
+"""A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
+
+Progress = Callable[[str, int, int], None]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if nb == 0 or not torch.isfinite(na * nb):
+        return None
+    if na == 0:
+        return 0.0
+    return float(torch.dot(a, b) / (na * nb))
+
+
+def _concat(grads: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([grads[n].detach().double().reshape(-1) for n in names])
+
+
+def gradient_metrics(estimate: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                     groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """Cosines (overall, per group, per parameter), relative error and norm ratio of ``estimate`` to ``reference``."""
+    missing = set(reference) - set(estimate)
+    if missing:
+        raise ValueError(f"the estimate has no gradient for {sorted(missing)}")
+    names = list(reference)
+    est, ref = _concat(estimate, names), _concat(reference, names)
+    ref_norm = float(torch.linalg.vector_norm(ref))
+    est_norm = float(torch.linalg.vector_norm(est))
+    return {
+        "cosine": _cosine(est, ref),
+        "groups": {g: _cosine(_concat(estimate, members), _concat(reference, members))
+                   for g, members in groups.items()},
+        "parameters": {n: _cosine(estimate[n], reference[n]) for n in names},
+        "rel_error": float(torch.linalg.vector_norm(est - ref)) / ref_norm if ref_norm > 0 else None,
+        "norm_ratio": est_norm / ref_norm if ref_norm > 0 else None,
+    }
+
+
+@dataclass
+class Measurement:
+    estimate: GradientEstimate
+    ms: list[float]
+    peak_memory_bytes: int | None
+    deterministic: bool
+
+
+def _same(a: GradientEstimate, b: GradientEstimate) -> bool:
+    return all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
+
+
+def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: int = 1) -> Measurement:
+    """Run ``warmup`` untimed then ``repeats`` timed estimates, each with a generator seeded by ``seed``."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+
+    def run() -> GradientEstimate:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return estimator.estimate(model, batch, generator=generator)
+
+    first = run()
+    for _ in range(warmup - 1):
+        run()
+    times: list[float] = []
+    peak: int | None = None
+    deterministic = True
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+            baseline = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        again = run()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+        if cuda:
+            peak = max(peak or 0, torch.cuda.max_memory_allocated(device) - baseline)
+        deterministic = deterministic and _same(first, again)
+    return Measurement(first, times, peak, deterministic)
+
+
+@dataclass
+class Result:
+    """One estimator's row of a comparison."""
+
+    label: str
+    estimator: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    ms_median: float | None
+    ms: list[float]
+    peak_memory_bytes: int | None
+    residual: float | None
+    converged: bool | None
+    force_evals: int | None
+    deterministic: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclass
+class Comparison:
+    meta: dict[str, Any]
+    reference: str
+    results: list[Result]
+
+    def result(self, label: str) -> Result:
+        for r in self.results:
+            if r.label == label:
+                return r
+        raise KeyError(f"no result {label!r}; have {[r.label for r in self.results]}")
+
+    @property
+    def converged(self) -> bool:
+        return all(r.converged is not False for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **_jsonable(self.meta), "reference": self.reference,
+                "converged": self.converged, "results": [r.to_json() for r in self.results]}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, allow_nan=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.item() if value.numel() == 1 else value.tolist())
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _result(label: str, estimator, measurement: Measurement, metrics: dict[str, Any], tol: float) -> Result:
+    stats = dict(measurement.estimate.stats)
+    residual = stats.pop("residual", None)
+    force_evals = stats.pop("force_evals", None)
+    return Result(
+        label=label,
+        estimator=type(estimator).name,
+        config=estimator.config.to_dict(),
+        metrics=metrics,
+        ms_median=statistics.median(measurement.ms) if measurement.ms else None,
+        ms=measurement.ms,
+        peak_memory_bytes=measurement.peak_memory_bytes,
+        residual=residual,
+        converged=None if residual is None else bool(residual <= tol),
+        force_evals=force_evals,
+        deterministic=measurement.deterministic,
+        stats=stats,
+    )
+
+
+def environment() -> dict[str, Any]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"epx": version("epx"), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, reference: tuple[str, Any],
+            seed: int = 0, repeats: int = 3, warmup: int = 1, converged_tol: float = CONVERGED_TOL,
+            meta: Mapping[str, Any] | None = None, progress: Progress | None = None) -> Comparison:
+    """Measure each (label, estimator) against the reference (label, estimator) on ``model`` and ``batch``.
+
+    The reference is listed first in the results, with cosine 1 by construction.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    groups = parameter_groups(model)
+    total = len(estimators) + 1
+    ref_label, ref_estimator = reference
+    if progress:
+        progress(ref_label, 0, total)
+    ref_measurement = measure(ref_estimator, model, batch, seed=seed, repeats=repeats, warmup=warmup)
+    ref_grads = ref_measurement.estimate.grads
+    results = [_result(ref_label, ref_estimator, ref_measurement, gradient_metrics(ref_grads, ref_grads, groups),
+                       converged_tol)]
+    for done, (label, estimator) in enumerate(estimators, start=1):
+        if progress:
+            progress(label, done, total)
+        m = measure(estimator, model, batch, seed=seed, repeats=repeats, warmup=warmup)
+        results.append(_result(label, estimator, m, gradient_metrics(m.estimate.grads, ref_grads, groups),
+                               converged_tol))
+    if progress:
+        progress("done", total, total)
+    device = next(model.parameters())
+    info = {"seed": seed, "repeats": repeats, "warmup": warmup, "converged_tol": converged_tol,
+            "dtype": str(device.dtype).removeprefix("torch."), "device": str(device.device),
+            "parameter_groups": {g: list(m) for g, m in groups.items()}, "environment": environment()}
+    return Comparison(meta={**(meta or {}), **info}, reference=ref_label, results=results)

@@ -1,0 +1,1 @@
+"""Reference models. Each is one readable file with a dataclass config."""

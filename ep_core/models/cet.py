@@ -1,0 +1,186 @@
+"""cet — an energy transformer for masked patch reconstruction, with a non-conservative attention knob.
+
+An image X (B×C×H×W) is cut into N patches (p×p, stride p: 16 tokens for 28×28 with p=7). A random half of the
+patches is masked (M = 1 on masked pixels) and the clamped input is x̄ = X ⊙ (1 − M). The state is (z, y): tokens
+z (B×N×D) and the reconstruction y (B×C×H×W). With e = patches(x̄)·W_enc + pos the encoding of the visible
+image, dec(z) = fold(z·W_dec + b_dec) the linear decoder, and ξ (K×D) the memories, the conservative energy is
+
+    E_rest(z, y) = ½||z||² − ⟨z, e⟩                 encoder + positional: tokens pulled toward e
+                 − ½ Σ_{i,μ} relu(ξ_μ · z_i)²       Hopfield memory
+                 + ½||y − dec(z)||²                  decoder
+
+and the force adds ordinary multi-head softmax attention (independent W_Q, W_K, W_V, W_O), which is not the
+gradient of any energy:
+
+    F_z = −∂E_rest/∂z + s·(Attn(z) − c·z),     F_y = −∂E_rest/∂y = dec(z) − y.
+
+s = 0 is the conservative limit. With ``project=True`` each token is normalised (mean 0, std 1 over D) after
+every step: Π(z, y) = (tokennorm(z), y). The cost is the squared error on masked pixels divided by their number.
+The forces are written out analytically (``energy`` is kept as the definition they are tested against).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ep_core.config import Config, option
+from ep_core.protocols import Batch, Dynamics, State
+
+TOKEN_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class CETConfig(Config):
+    s: float = option(1.0, "attention scale; 0 is the conservative limit", ge=0)
+    c: float = option(1.0, "self-inhibition in the attention term s·(Attn(z) − c·z)", ge=0)
+    project: bool = option(False, "token-normalise z (mean 0, std 1 per token) after every step")
+    eps: float = option(0.2, "relaxation step size ε", gt=0)
+    T1: int = option(120, "free-phase steps", ge=1)
+    dim: int = option(64, "token width D", ge=1)
+    heads: int = option(4, "attention heads", ge=1)
+    head_dim: int = option(16, "width of each attention head", ge=1)
+    memories: int = option(128, "Hopfield memories K", ge=1)
+    image: int = option(28, "image height and width", ge=1)
+    channels: int = option(1, "image channels", ge=1)
+    patch: int = option(7, "patch size p", ge=1)
+    stride: int = option(7, "patch stride", ge=1)
+    mask_ratio: float = option(0.5, "fraction of patches masked", gt=0, lt=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ep_core.config import ConfigError
+
+        if self.patch > self.image or (self.image - self.patch) % self.stride:
+            raise ConfigError("stride", f"patches of {self.patch} with stride {self.stride} must tile an "
+                                        f"image of {self.image} exactly")
+
+
+def token_norm(z: torch.Tensor) -> torch.Tensor:
+    mean = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    return (z - mean) / torch.sqrt(var + TOKEN_NORM_EPS)
+
+
+class CET(nn.Module):
+    summary: ClassVar[str] = "energy transformer for masked patch reconstruction; attention scale s"
+    Config: ClassVar[type[Config]] = CETConfig
+    data: ClassVar[str] = "images"
+
+    def __init__(self, config: CETConfig | None = None, *, generator: torch.Generator):
+        super().__init__()
+        self.config = cfg = config or CETConfig()
+        self.grid = (cfg.image - cfg.patch) // cfg.stride + 1
+        self.tokens = self.grid**2
+        patch_dim = cfg.channels * cfg.patch**2
+        width = cfg.heads * cfg.head_dim
+
+        def normal(*shape: int, std: float) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=generator) * std)
+
+        self.W_enc = normal(patch_dim, cfg.dim, std=1 / math.sqrt(patch_dim))
+        self.pos = normal(self.tokens, cfg.dim, std=0.1)
+        # Memory strength is kept small enough that −Σ relu(ξ·z)² cannot overpower the ½||z||² confinement:
+        # with about half the memories active the Hessian's largest negative eigenvalue stays near −0.5.
+        self.memories = normal(cfg.memories, cfg.dim, std=0.5 / math.sqrt(cfg.memories))
+        self.W_dec = normal(cfg.dim, patch_dim, std=1 / math.sqrt(cfg.dim))
+        self.b_dec = nn.Parameter(torch.zeros(patch_dim))
+        self.W_Q = normal(cfg.dim, width, std=1 / math.sqrt(cfg.dim))
+        self.W_K = normal(cfg.dim, width, std=1 / math.sqrt(cfg.dim))
+        self.W_V = normal(cfg.dim, width, std=1 / math.sqrt(cfg.dim))
+        self.W_O = normal(width, cfg.dim, std=1 / math.sqrt(width))
+
+    @property
+    def dynamics(self) -> Dynamics:
+        return Dynamics(eps=self.config.eps, T1=self.config.T1)
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        return {"attention": ["W_Q", "W_K", "W_V", "W_O"], "memory": ["memories"],
+                "encoder": ["W_enc", "pos"], "decoder": ["W_dec", "b_dec"]}
+
+    # --- data ---------------------------------------------------------------------------------------------
+
+    def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
+        """Mask a random ``mask_ratio`` of each image's patches (drawn from ``generator``)."""
+        cfg = self.config
+        expected = (cfg.channels, cfg.image, cfg.image)
+        if inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
+            raise ValueError(f"cet expects images of shape (B, {', '.join(map(str, expected))}), "
+                             f"got {tuple(inputs.shape)}; change --model-set image/channels to match the data")
+        batch = inputs.shape[0]
+        masked = max(1, round(cfg.mask_ratio * self.tokens))
+        order = torch.argsort(torch.rand(batch, self.tokens, generator=generator), dim=1)
+        token_mask = torch.zeros(batch, self.tokens)
+        token_mask.scatter_(1, order[:, :masked], 1.0)
+        token_mask = token_mask.to(inputs)
+        patch_dim = cfg.channels * cfg.patch**2
+        pixel_mask = self._fold(token_mask[:, :, None].expand(-1, -1, patch_dim)).clamp(max=1.0)
+        return {"images": inputs, "mask": pixel_mask, "clamped": inputs * (1 - pixel_mask), "labels": targets}
+
+    def _unfold(self, images: torch.Tensor) -> torch.Tensor:
+        return F.unfold(images, self.config.patch, stride=self.config.stride).transpose(1, 2)
+
+    def _fold(self, patches: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return F.fold(patches.transpose(1, 2), (cfg.image, cfg.image), cfg.patch, stride=cfg.stride)
+
+    # --- the pieces of the energy and the force ------------------------------------------------------------
+
+    def encoding(self, batch: Batch) -> torch.Tensor:
+        """e = patches(x̄)·W_enc + pos."""
+        return self._unfold(batch["clamped"]) @ self.W_enc + self.pos
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self._fold(z @ self.W_dec + self.b_dec)
+
+    def attention(self, z: torch.Tensor) -> torch.Tensor:
+        """Attn(z): multi-head softmax attention with independent Q, K, V, O projections."""
+        cfg = self.config
+        b, n, _ = z.shape
+
+        def split(w: torch.Tensor) -> torch.Tensor:
+            return (z @ w).view(b, n, cfg.heads, cfg.head_dim).transpose(1, 2)
+
+        scores = split(self.W_Q) @ split(self.W_K).transpose(-1, -2) / math.sqrt(cfg.head_dim)
+        mixed = torch.softmax(scores, dim=-1) @ split(self.W_V)
+        return mixed.transpose(1, 2).reshape(b, n, cfg.heads * cfg.head_dim) @ self.W_O
+
+    def energy(self, state: State, batch: Batch) -> torch.Tensor:
+        """E_rest(z, y), summed over the batch."""
+        z, y = state
+        memory = F.relu(z @ self.memories.T)
+        return (0.5 * z.pow(2).sum() - (z * self.encoding(batch)).sum()
+                - 0.5 * memory.pow(2).sum() + 0.5 * (y - self.decode(z)).pow(2).sum())
+
+    def init_state(self, batch: Batch) -> State:
+        return self.project((self.encoding(batch), batch["clamped"]))
+
+    def force(self, state: State, batch: Batch) -> State:
+        z, y = state
+        s, c = self.config.s, self.config.c
+        reconstruction_error = y - self.decode(z)
+        conservative_z = (self.encoding(batch) - z
+                          + F.relu(z @ self.memories.T) @ self.memories
+                          + self._unfold(reconstruction_error) @ self.W_dec.T)
+        force_z = conservative_z + s * (self.attention(z) - c * z) if s else conservative_z
+        return force_z, -reconstruction_error
+
+    def nonconservative(self, state: State, batch: Batch) -> State:
+        z, y = state
+        return self.config.s * self.attention(z), torch.zeros_like(y)
+
+    def project(self, state: State) -> State:
+        if not self.config.project:
+            return state
+        z, y = state
+        return token_norm(z), y
+
+    def cost(self, state: State, batch: Batch) -> torch.Tensor:
+        _, y = state
+        mask = batch["mask"]
+        return ((y - batch["images"]).pow(2) * mask).sum() / mask.sum()

@@ -1,0 +1,175 @@
+"""Relaxation machinery shared by every estimator.
+
+Notation (DESIGN.md): state x, parameters θ, step ε, relaxation map G(x) = Π(x + εF(x)). The free phase iterates
+G for T1 steps from ``init_state`` and gives x*; its residual is r = ||G(x*) − x*|| / ||x*||; g = ∇ₓC(x*).
+
+Relaxations run without an autograd graph, so their memory does not grow with the number of steps. Every step
+checks that the state is finite and, if not, raises :class:`DivergenceError` naming the step and a remedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ep_core.protocols import Batch, DivergenceError, State
+
+Drive = Callable[[State, State], State]
+"""An extra force term d(x, F(x)) added during a relaxation; it sees the force already computed at x."""
+
+Correction = Callable[[State, State, State], State]
+"""An extra nudged-phase term c(x, F(x), F(x) − β∇ₓC(x)), given both forces so it can reuse them."""
+
+
+def add(a: State, b: State, scale: float = 1.0) -> State:
+    return tuple(ai + scale * bi for ai, bi in zip(a, b, strict=True))
+
+
+def sub(a: State, b: State) -> State:
+    return tuple(ai - bi for ai, bi in zip(a, b, strict=True))
+
+
+def scale(a: State, factor: float) -> State:
+    return tuple(factor * ai for ai in a)
+
+
+def inner(a: State, b: State) -> torch.Tensor:
+    return sum((ai * bi).sum() for ai, bi in zip(a, b, strict=True))
+
+
+def norm(a: State) -> torch.Tensor:
+    return torch.sqrt(sum(ai.pow(2).sum() for ai in a))
+
+
+def detach(a: State) -> State:
+    return tuple(ai.detach() for ai in a)
+
+
+def is_finite(a: State) -> bool:
+    # A sum is non-finite whenever any entry is, so this costs one reduction and one host sync per tensor.
+    return all(bool(torch.isfinite(ai.sum())) for ai in a)
+
+
+def step(model, batch: Batch, state: State, force: State) -> State:
+    """G given F(x) already computed: Π(x + εF(x))."""
+    return model.project(add(state, force, model.dynamics.eps))
+
+
+def relaxation_map(model, batch: Batch) -> Callable[[State], State]:
+    """G as a pure function of the state, for torch.func transforms."""
+    return lambda state: step(model, batch, state, model.force(state, batch))
+
+
+@dataclass
+class Relaxation:
+    state: State
+    steps: int
+    force_evals: int
+
+
+@dataclass
+class Equilibrium:
+    """The end point x* of a free phase, with its residual."""
+
+    state: State
+    residual: float
+    steps: int
+    force_evals: int
+
+
+def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: Drive | None = None) -> Relaxation:
+    """Iterate x ← Π(x + ε(F(x) + d(x, F(x)))) for ``steps`` steps, without building a graph."""
+    eps = model.dynamics.eps
+    x = detach(state)
+    with torch.no_grad():
+        for t in range(1, steps + 1):
+            force = model.force(x, batch)
+            if drive is not None:
+                force = add(force, drive(x, force))
+            x = step(model, batch, x, force)
+            if not is_finite(x):
+                raise DivergenceError(phase, t, eps, divergence_remedy(phase))
+    return Relaxation(state=x, steps=steps, force_evals=steps)
+
+
+def divergence_remedy(phase: str) -> str:
+    base = "lower the step size (e.g. --model-set eps=0.1)"
+    if phase == "nudged":
+        return base + " or the nudge strength beta (e.g. --set beta=0.01)"
+    return base + " or the non-conservative scale s, which can remove the stable fixed point"
+
+
+def residual(model, batch: Batch, state: State) -> float:
+    """r = ||G(x) − x|| / ||x||; one force evaluation."""
+    with torch.no_grad():
+        moved = relaxation_map(model, batch)(state)
+        return float(norm(sub(moved, state)) / norm(state).clamp_min(torch.finfo(state[0].dtype).tiny))
+
+
+def free_phase(model, batch: Batch, steps: int | None = None) -> Equilibrium:
+    """x* after T1 steps of G from ``init_state`` (T1 from the model unless given)."""
+    steps = model.dynamics.T1 if steps is None else steps
+    with torch.no_grad():
+        start = model.init_state(batch)
+    run = relax(model, batch, start, steps, phase="free")
+    return Equilibrium(state=run.state, residual=residual(model, batch, run.state),
+                       steps=steps, force_evals=run.force_evals + 1)
+
+
+def cost_gradient(model, batch: Batch, state: State) -> State:
+    """g = ∇ₓC(x)."""
+    return torch.func.grad(lambda x: model.cost(x, batch))(detach(state))
+
+
+def nudge(model, batch: Batch, beta: float, correction: Correction | None = None) -> Drive:
+    """The nudged drive −β∇ₓC(x), plus an optional correction term."""
+    def drive(x: State, force: State) -> State:
+        pull = scale(cost_gradient(model, batch, x), -beta)
+        return pull if correction is None else add(pull, correction(x, force, add(force, pull)))
+    return drive
+
+
+@dataclass
+class Contrast:
+    """The EP adjoint estimate a from nudged phases, and how many force evaluations it took."""
+
+    direction: State
+    force_evals: int
+
+
+def contrast(model, batch: Batch, equilibrium: Equilibrium, *, beta: float, steps: int, centered: bool,
+             correction: Correction | None = None) -> Contrast:
+    """Relax T2 steps from x* under F ∓ β∇ₓC (+ correction) and form
+
+    a = (x⁻ − x⁺) / (2β)  (centered)   or   a = (x* − x⁺) / β  (one-sided).
+    """
+    plus = relax(model, batch, equilibrium.state, steps, phase="nudged", drive=nudge(model, batch, beta, correction))
+    if centered:
+        minus = relax(model, batch, equilibrium.state, steps, phase="nudged",
+                      drive=nudge(model, batch, -beta, correction))
+        return Contrast(scale(sub(minus.state, plus.state), 1 / (2 * beta)), plus.force_evals + minus.force_evals)
+    return Contrast(scale(sub(equilibrium.state, plus.state), 1 / beta), plus.force_evals)
+
+
+def linearize(fn: Callable[[State], State], state: State) -> tuple[State, Callable[[State], State]]:
+    """(fn(x), u ↦ (∂fn/∂x)ᵀu) at x, the vjp closure built once so each application is one backward pass."""
+    value, vjp_fn = torch.func.vjp(fn, detach(state))
+    return detach(value), lambda cotangent: vjp_fn(cotangent)[0]
+
+
+def parameter_gradient(model: torch.nn.Module, objective: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """∂objective/∂θ for every named parameter (zeros where it does not depend on θ); ``param.grad`` untouched."""
+    named = [(name, p) for name, p in model.named_parameters()]
+    with torch.enable_grad():
+        value = objective()
+        grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    return {name: (torch.zeros_like(p) if g is None else g.detach()) for (name, p), g in zip(named, grads)}
+
+
+def force_pairing(model, batch: Batch, state: State, direction: State) -> dict[str, torch.Tensor]:
+    """ĝ = ∂/∂θ [⟨a, F(x; θ)⟩ + C(x; θ)] at a fixed x: the EP family's parameter update."""
+    x = detach(state)
+    a = detach(direction)
+    return parameter_gradient(model, lambda: inner(a, model.force(x, batch)) + model.cost(x, batch))

@@ -1,0 +1,88 @@
+"""aep — asymmetric equilibrium propagation (Scurria et al. 2026, arXiv 2602.03670).
+
+Like ep, but each nudged phase gets the extra force −(Jv − Jᵀv), v = x − x*, with J = ∂F/∂x taken at x* and held
+fixed:
+
+    ẋ = F(x) − σβ∇ₓC(x) − (Jv − Jᵀv).
+
+Linearised around x*, the nudged dynamics become Jv − (Jv − Jᵀv) − σβg = Jᵀv − σβg, so the nudged shift is
+δ = σβJ⁻ᵀg and a = (x⁻ − x⁺)/(2β) → −J⁻ᵀg, the true adjoint. Then, as in ep,
+
+    ĝ = ∂/∂θ [⟨a, F(x*; θ)⟩ + C(x*; θ)].
+
+Exact as β → 0 for any converged, stable fixed point, conservative or not. The free phase is ep's, unchanged.
+
+Computation: Jᵀv is one application of the vjp closure built once at x*; Jv = F(x) − F(x*) + O(|v|²) comes free
+from the force the step has already computed (the O(|v|²) = O(β²) error is the same for ±β and cancels in the
+centered difference). Option ``clip`` = κ: when ||correction|| > κ·||F(x) − σβ∇ₓC(x)||, rescale the correction to
+that norm (the seeds use κ = 1), which guards the first steps of a strongly non-conservative model.
+Cost: ep's, plus one vjp application per nudged step (≈ one force evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ep_core import hookimpl
+from ep_core.config import Config, option
+from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate, State
+from ep_core.relax import Equilibrium, contrast, force_pairing, free_phase, linearize, norm, scale, sub
+
+
+@dataclass(frozen=True)
+class AEPConfig(Config):
+    beta: float = option(0.02, "nudge strength β", gt=0)
+    T2: int = option(20, "nudged-phase steps", ge=1)
+    centered: bool = option(True, "nudge both ways (±β) instead of one way (+β)")
+    clip: float | None = option(None, "κ: cap ||correction|| at κ·||nudged force|| (none: no cap)", gt=0,
+                                optional=True)
+
+
+class AEP:
+    name: ClassVar[str] = "aep"
+    Config: ClassVar[type[Config]] = AEPConfig
+    requires: ClassVar[type] = EquilibriumModel
+    exact_limit: ClassVar[str] = "any converged stable fixed point (conservative or not), β → 0"
+    summary: ClassVar[str] = "asymmetric EP: nudged phases corrected by −(Jv − Jᵀv), exact without symmetry"
+
+    def __init__(self, config: AEPConfig | None = None):
+        self.config = config or AEPConfig()
+
+    def antisymmetric_correction(self, model, batch: Batch, equilibrium: Equilibrium):
+        """The drive (x, F(x)) ↦ −(Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*."""
+        force_at_fixed_point, J_transpose = linearize(lambda x: model.force(x, batch), equilibrium.state)
+        clip = self.config.clip
+
+        def correction(x: State, force: State, nudged_force: State) -> State:
+            v = sub(x, equilibrium.state)
+            Jv = sub(force, force_at_fixed_point)
+            term = sub(J_transpose(v), Jv)
+            if clip is not None:
+                limit, size = clip * norm(nudged_force), norm(term)
+                if size > limit:
+                    term = scale(term, float(limit / size))
+            return term
+
+        return correction
+
+    def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
+        cfg = self.config
+        equilibrium = free_phase(model, batch)
+        correction = self.antisymmetric_correction(model, batch, equilibrium)
+        a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered,
+                     correction=correction)
+        nudged_steps = cfg.T2 * (2 if cfg.centered else 1)
+        return GradientEstimate(
+            grads=force_pairing(model, batch, equilibrium.state, a.direction),
+            stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
+                   "force_evals": equilibrium.force_evals + a.force_evals + 2, "vjp_evals": nudged_steps},
+            fixed_point=equilibrium.state,
+        )
+
+
+@hookimpl
+def register_estimators(register):
+    register("aep", AEP)

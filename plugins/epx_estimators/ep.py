@@ -1,0 +1,60 @@
+"""ep — equilibrium propagation (for non-conservative forces: the vector-field rule).
+
+From the free equilibrium x*, relax T2 steps under the nudged force F(x) − σβ∇ₓC(x), σ = ±1, projected like the
+free phase, to x^σ. Then
+
+    a = (x⁻ − x⁺) / (2β)          (centered; one-sided: a = (x* − x⁺) / β)
+    ĝ = ∂/∂θ [⟨a, F(x*; θ)⟩ + C(x*; θ)].
+
+Why: at a fixed point of F − βg, the nudged shift is δ = βJ⁻¹g (J = ∂F/∂x at x*), so a → −J⁻¹g, while the true
+gradient is dC/dθ = ⟨−J⁻ᵀg, ∂F/∂θ⟩. Exact as β → 0 (centered error O(β²), one-sided O(β)) when J is symmetric
+(F = −∇E, a conservative model) and x* is a converged, stable fixed point with T2 long enough to settle.
+For non-conservative F, J⁻¹ ≠ J⁻ᵀ and the estimate is biased — which aep corrects.
+Cost: T1 + 2·T2 force evaluations (T1 + T2 one-sided), memory independent of T1 and T2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ep_core import hookimpl
+from ep_core.config import Config, option
+from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate
+from ep_core.relax import contrast, force_pairing, free_phase
+
+
+@dataclass(frozen=True)
+class EPConfig(Config):
+    beta: float = option(0.02, "nudge strength β", gt=0)
+    T2: int = option(20, "nudged-phase steps", ge=1)
+    centered: bool = option(True, "nudge both ways (±β, O(β²) bias) instead of one way (+β, O(β) bias)")
+
+
+class EP:
+    name: ClassVar[str] = "ep"
+    Config: ClassVar[type[Config]] = EPConfig
+    requires: ClassVar[type] = EquilibriumModel
+    exact_limit: ClassVar[str] = "conservative model (symmetric J), converged stable fixed point, β → 0"
+    summary: ClassVar[str] = "equilibrium propagation: contrast of ±β nudged phases"
+
+    def __init__(self, config: EPConfig | None = None):
+        self.config = config or EPConfig()
+
+    def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
+        cfg = self.config
+        equilibrium = free_phase(model, batch)
+        a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered)
+        return GradientEstimate(
+            grads=force_pairing(model, batch, equilibrium.state, a.direction),
+            stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
+                   "force_evals": equilibrium.force_evals + a.force_evals + 1},
+            fixed_point=equilibrium.state,
+        )
+
+
+@hookimpl
+def register_estimators(register):
+    register("ep", EP)

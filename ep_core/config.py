@@ -144,7 +144,7 @@ class Config:
                 raise ConfigError(key, f"unknown option for {cls.__name__}{suggest(key, known)}; "
                                        f"valid options: {', '.join(sorted(known))}")
             kind, nullable = kinds[key]
-            if nullable and isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            if nullable and (value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
                 parsed[key] = None
             else:
                 parsed[key] = _parse(key, kind, value)

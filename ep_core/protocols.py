@@ -48,15 +48,15 @@ class EquilibriumModel(Protocol):
     The relaxation map is G(x) = Π(x + ε F(x)); the free phase iterates G for T1 steps from ``init_state``.
     Optional methods: ``nonconservative(state, batch)`` (the part of F that is not a gradient) and
     ``parameter_groups()`` (named groups of parameter names, for reports).
+
+    Data: a model with ``data = "images"`` provides ``prepare_batch(images, labels, *, generator) -> Batch``
+    (e.g. masking); one with ``data = "synthetic"`` makes its own, ``make_batch(size, *, generator) -> Batch``.
     """
 
     config: Config
 
     @property
     def dynamics(self) -> Dynamics: ...
-
-    def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *,
-                      generator: torch.Generator) -> Batch: ...
 
     def init_state(self, batch: Batch) -> State: ...
 

@@ -28,7 +28,7 @@ EXIT_RUNTIME, EXIT_USAGE, EXIT_THRESHOLD = 1, 2, 3
 
 # Piped output keeps every column of the comparison table instead of wrapping at rich's default 80.
 out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @functools.cache
@@ -92,7 +92,10 @@ class EpxGroup(click.Group):
 
 @click.group(cls=EpxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="epx")
-def cli() -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, envvar="EPX_THREADS",
+              help="CPU threads for torch. Relaxations are long chains of small tensor operations: one thread is "
+                   "usually fastest, and several threads slow down badly when the machine is busy.")
+def cli(threads: int) -> None:
     """epx: gradient estimators that avoid or approximate backpropagation, measured against the exact gradient.
 
     \b
@@ -101,6 +104,9 @@ def cli() -> None:
     epx info aep                          an estimator's options and exact limit
     epx plugins                           which plugins loaded, and which failed
     """
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 KIND_OPTIONS = {"estimators": "estimator", "models": "model", "datasets": "dataset"}

@@ -1,0 +1,3 @@
+from epx_cli.main import main
+
+main()

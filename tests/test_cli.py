@@ -1,0 +1,135 @@
+"""The command line: outputs, exit codes and messages, in-process through click's runner."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import ep_core.data
+from epx_cli import main as cli_main
+
+SMALL_CET = ["--model-set", "dim=16", "--model-set", "heads=2", "--model-set", "head_dim=8",
+             "--model-set", "memories=16", "--model-set", "T1=60", "--batch-size", "4", "--repeats", "1"]
+
+
+@pytest.fixture
+def epx():
+    cli_main.registry.cache_clear()
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(cli_main.cli, list(args), catch_exceptions=False)
+
+    yield invoke
+    cli_main.registry.cache_clear()
+
+
+def test_compare_json_and_out_file_agree(epx, tmp_path):
+    out = tmp_path / "deep" / "result.json"
+    result = epx("compare", "ep", "aep", "adjoint", "--model", "toy", "--dtype", "float64", "--json",
+                 "--out", str(out), "--set", "beta=0.001", "--set", "T2=300", "--repeats", "2")
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == printed
+    rows = {r["label"]: r for r in printed["results"]}
+    assert list(rows) == ["bptt", "ep", "aep", "adjoint"]
+    assert printed["data"]["name"] == "synthetic"
+    assert rows["ep"]["config"] == {"beta": 0.001, "T2": 300, "centered": True}
+    for label in ("ep", "aep", "adjoint"):
+        assert rows[label]["metrics"]["cosine"] > 0.999
+        assert rows[label]["deterministic"] is True
+        assert rows[label]["converged"] is True
+    assert rows["aep"]["force_evals"] == rows["ep"]["force_evals"] + 1
+    assert len(rows["adjoint"]["ms"]) == 2
+
+
+def test_compare_on_real_fashion_mnist_records_the_dataset(epx, real_data_dir):
+    result = epx("compare", "aep", "bptt", "--model", "cet", "--data", "fashionmnist", "--data-dir",
+                 str(real_data_dir), "--json", *SMALL_CET)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["data"]["name"] == "fashionmnist"
+    assert data["data"]["batch_size"] == 4
+    aep = data["results"][1]
+    assert set(aep["metrics"]["groups"]) == {"attention", "memory", "encoder", "decoder"}
+    assert aep["metrics"]["cosine"] > 0.9
+
+
+def test_zero_reference_group_is_na_not_nan(epx):
+    result = epx("compare", "adjoint", "--model", "cet", "--data", "sample", "--model-set", "s=0", "--json",
+                 *SMALL_CET)
+    assert result.exit_code == 0, result.stderr
+    adjoint = json.loads(result.stdout)["results"][1]
+    assert adjoint["metrics"]["groups"]["attention"] is None
+    assert adjoint["metrics"]["groups"]["decoder"] > 0.99
+    table = epx("compare", "adjoint", "--model", "cet", "--data", "sample", "--model-set", "s=0", *SMALL_CET)
+    assert "n/a" in table.stdout and "nan" not in table.stdout.lower()
+
+
+def test_auto_falls_back_to_sample_with_one_warning(epx, monkeypatch, tmp_path):
+    monkeypatch.delenv("EPX_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ep_core.data, "fashion_mnist_search_path",
+                        lambda data_dir=None: [tmp_path / "nowhere"])
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(ep_core.data, "download_fashion_mnist", offline)
+    result = epx("compare", "aep", "--model", "cet", "--json", *SMALL_CET)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["data"]["name"] == "sample"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "sample" in warnings[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["compare", "aepp", "--model", "cet"], "did you mean 'aep'"),
+    (["compare", "aep", "--model", "cte"], "did you mean 'cet'"),
+    (["compare", "aep", "--model", "cet", "--set", "beta=-1"], "beta: -1.0 is out of range; valid: > 0"),
+    (["compare", "aep", "--model", "cet", "--set", "betta=0.1"], "did you mean 'beta'"),
+    (["compare", "aep", "--model", "cet", "--model-set", "s=abc"], "s: expected float"),
+    (["compare", "aep", "--model", "cet", "--set", "ep.beta=0.1"], "'ep' is not among the estimators"),
+    (["compare", "bptt", "--model", "cet"], "besides the reference"),
+    (["info", "adjiont"], "did you mean 'adjoint'"),
+])
+def test_usage_errors_exit_2_with_a_message(epx, args, fragment):
+    result = epx(*args)
+    assert result.exit_code == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_divergence_exits_1_naming_the_step_and_a_remedy(epx):
+    result = epx("compare", "aep", "--model", "cet", "--data", "sample", "--model-set", "eps=5", *SMALL_CET)
+    assert result.exit_code == 1
+    assert "diverged at step" in result.stderr and "eps=5" in result.stderr
+    assert "lower the step size" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_min_cosine_threshold_exits_3(epx):
+    ok = epx("compare", "adjoint", "--model", "toy", "--min-cosine", "0.999", "--repeats", "1")
+    assert ok.exit_code == 0, ok.stderr
+    failed = epx("compare", "ep", "--model", "toy", "--model-set", "conservative=false", "--set", "T2=2",
+                 "--min-cosine", "0.9999", "--repeats", "1")
+    assert failed.exit_code == 3
+    assert "cosine below 0.9999 for: ep" in failed.stderr
+
+
+def test_list_info_and_plugins(epx):
+    listed = epx("list")
+    assert listed.exit_code == 0
+    for name in ("bptt", "ep", "aep", "adjoint", "cet", "toy", "fashionmnist", "sample", "auto"):
+        assert name in listed.stdout
+    info = epx("info", "aep")
+    assert info.exit_code == 0
+    assert "beta" in info.stdout and "> 0" in info.stdout and "exact limit" in info.stdout
+    assert "clip" in info.stdout
+    model_info = epx("info", "cet")
+    assert "project" in model_info.stdout and "mask_ratio" in model_info.stdout
+    plugins = epx("plugins", "--json")
+    records = {r["name"]: r for r in json.loads(plugins.stdout)}
+    assert records["aep"]["registered"] == ["estimator:aep"]
+    assert records["ep_core"]["status"] == "ok"

@@ -1,0 +1,585 @@
+"""Tests for ep_core.data: IDX parsing, the Fashion-MNIST search path, downloads, fallback, the sample set."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ep_core import data
+from ep_core.data import (
+    ChecksumError,
+    DataNotFound,
+    ImageDataset,
+    fashion_mnist_search_path,
+    find_fashion_mnist,
+    load_fashion_mnist,
+    make_sample,
+    read_idx,
+    resolve_images,
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# Real data (../shared/data next to the project, or $EPX_DATA_DIR)
+# ------------------------------------------------------------------------------------------------------------
+
+_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _real_root() -> Path | None:
+    for root in (os.environ.get("EPX_DATA_DIR"), _SHARED):
+        if root and (Path(root) / "fashion-mnist" / "train-images-idx3-ubyte.gz").is_file():
+            return Path(root)
+    return None
+
+
+REAL_ROOT = _real_root()
+REAL_DIR = REAL_ROOT / "fashion-mnist" if REAL_ROOT else None
+needs_real = pytest.mark.skipif(
+    REAL_ROOT is None,
+    reason=f"real Fashion-MNIST not found: expected {_SHARED}/fashion-mnist/*.gz "
+    "or $EPX_DATA_DIR/fashion-mnist/*.gz",
+)
+
+# Computed once from the published files (uint8 pixel mean over every pixel of the split).
+TRAIN_PIXEL_MEAN = 72.94035223214286
+TEST_PIXEL_MEAN = 73.14656658163265
+
+
+@pytest.fixture(scope="module")
+def real_train() -> tuple[np.ndarray, np.ndarray]:
+    assert REAL_DIR is not None
+    images = read_idx(REAL_DIR / "train-images-idx3-ubyte.gz")
+    return images, read_idx(REAL_DIR / "train-labels-idx1-ubyte.gz")
+
+
+@needs_real
+def test_read_idx_real_train(real_train):
+    images, labels = real_train
+    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (60000,) and labels.dtype == np.uint8
+    assert labels.min() == 0 and labels.max() == 9
+    assert np.bincount(labels).tolist() == [6000] * 10
+    assert abs(images.mean(dtype=np.float64) - TRAIN_PIXEL_MEAN) < 1e-3
+    assert labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert images.flags.writeable  # torch.from_numpy would warn on a read-only view
+
+
+@needs_real
+def test_read_idx_real_test():
+    images = read_idx(REAL_DIR / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(REAL_DIR / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert set(np.unique(labels).tolist()) == set(range(10))
+    assert abs(images.mean(dtype=np.float64) - TEST_PIXEL_MEAN) < 1e-3
+
+
+@needs_real
+def test_load_fashion_mnist_real_verifies_and_describes(isolated):
+    ds = load_fashion_mnist("test", data_dir=REAL_ROOT, download=False)
+    assert ds.name == "fashionmnist" and ds.classes == 10
+    assert ds.images.shape == (10000, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert ds.labels.dtype == torch.int64
+    assert ds.source == str(REAL_DIR / "t10k-images-idx3-ubyte.gz")
+    d = ds.describe()
+    assert d == {"name": "fashionmnist", "source": ds.source, "n": 10000, "shape": [1, 28, 28], "classes": 10}
+    json.dumps(d)
+    x, y = ds.batch(32, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (32, 1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+@needs_real
+def test_real_files_checked_uncompressed_and_corrupt(isolated, tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    # Uncompressed copies verify against the content hashes.
+    for name in data.FASHION_MNIST_FILES["test"]:
+        (d / name.removesuffix(".gz")).write_bytes(gzip.decompress((REAL_DIR / name).read_bytes()))
+    ds = load_fashion_mnist("test", data_dir=d, download=False)
+    assert ds.source == str(d / "t10k-images-idx3-ubyte")
+    assert abs(ds.images.double().mean().item() - TEST_PIXEL_MEAN) < 1e-3
+    # A recompressed .gz (other bytes, same content) is still accepted.
+    labels_raw = d / "t10k-labels-idx1-ubyte"
+    recompressed = d / "t10k-labels-idx1-ubyte.gz"
+    recompressed.write_bytes(gzip.compress(labels_raw.read_bytes(), compresslevel=1, mtime=0))
+    labels_raw.unlink()
+    assert load_fashion_mnist("test", data_dir=d, download=False).labels.shape == (10000,)
+    # One flipped label: still valid IDX, but not Fashion-MNIST.
+    content = bytearray(gzip.decompress(recompressed.read_bytes()))
+    content[100] = (content[100] + 1) % 10
+    recompressed.write_bytes(gzip.compress(bytes(content)))
+    with pytest.raises(ChecksumError, match="t10k-labels-idx1-ubyte.gz"):
+        load_fashion_mnist("test", data_dir=d, download=False)
+    assert load_fashion_mnist("test", data_dir=d, download=False, verify=False).labels.shape == (10000,)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fake IDX files and an isolated environment
+# ------------------------------------------------------------------------------------------------------------
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def write_idx(path: Path, arr: np.ndarray, *, gz: bool | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = idx_bytes(arr)
+    if gz if gz is not None else path.name.endswith(".gz"):
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
+def write_fake_split(directory: Path, *, fill: int, split: str = "train", n: int = 20, gz: bool = True):
+    """A tiny split whose every pixel equals ``fill``, so a test can tell which copy was loaded."""
+    img_name, lab_name = data.FASHION_MNIST_FILES[split]
+    if not gz:
+        img_name, lab_name = img_name.removesuffix(".gz"), lab_name.removesuffix(".gz")
+    write_idx(directory / img_name, np.full((n, 28, 28), fill, dtype=np.uint8), gz=gz)
+    write_idx(directory / lab_name, np.arange(n, dtype=np.uint8) % 10, gz=gz)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No EPX_DATA_DIR, cache and HOME under tmp_path, the system location moved into tmp_path."""
+    monkeypatch.delenv("EPX_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
+    return tmp_path
+
+
+_real_fetch = data._fetch  # captured at import, before the autouse fixture below replaces it
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any download a test did not arrange fails the test instead of touching the network."""
+
+    def fail(url, *a, **k):
+        raise RuntimeError(f"unexpected network access in tests: {url}")
+
+    monkeypatch.setattr(data, "_fetch", fail)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# read_idx
+# ------------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    gz=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_read_idx_round_trip(tmp_path_factory, shape, gz, seed):
+    arr = np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+    p = write_idx(tmp_path_factory.mktemp("idx") / "f", arr, gz=gz)
+    out = read_idx(p)
+    assert out.dtype == np.uint8 and out.shape == tuple(shape)
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_read_idx_compression_decided_by_magic_not_name(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    gz_without_suffix = write_idx(tmp_path / "plain-name", arr, gz=True)
+    raw_with_suffix = write_idx(tmp_path / "looks.gz", arr, gz=False)
+    np.testing.assert_array_equal(read_idx(gz_without_suffix), arr)
+    np.testing.assert_array_equal(read_idx(raw_with_suffix), arr)
+
+
+_GOOD = idx_bytes(np.zeros((3, 2, 2), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"\x12\x34\x08\x03" + _GOOD[4:], "bad magic"),
+        (b"\x00\x00\x08\x00", "bad magic"),  # zero dimensions
+        (b"\x00\x00\x0d\x03" + _GOOD[4:], "element type"),  # 0x0d = float32
+        (_GOOD[:-1], "truncated"),
+        (_GOOD + b"\x00", "trailing"),
+        (_GOOD[:9], "truncated IDX header"),
+        (b"\x00\x00", "shorter than"),
+        (b"", "shorter than"),
+    ],
+)
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_rejects_corrupt_files(tmp_path, payload, why, gz):
+    p = tmp_path / "broken-idx3-ubyte"
+    p.write_bytes(gzip.compress(payload) if gz else payload)
+    with pytest.raises(ValueError, match=why) as info:
+        read_idx(p)
+    assert str(p) in str(info.value)
+
+
+def test_read_idx_rejects_truncated_gzip(tmp_path):
+    p = tmp_path / "cut.gz"
+    p.write_bytes(gzip.compress(_GOOD)[:-6])
+    with pytest.raises(ValueError, match="corrupt gzip") as info:
+        read_idx(p)
+    assert str(p) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Search path, layouts, precedence
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_search_path_order(isolated, monkeypatch):
+    t = isolated
+    assert fashion_mnist_search_path() == [t / "xdg" / "epx", t / "system"]
+    monkeypatch.setenv("EPX_DATA_DIR", str(t / "env"))
+    assert fashion_mnist_search_path(t / "arg") == [t / "arg", t / "env", t / "xdg" / "epx", t / "system"]
+    # Unset or empty XDG_CACHE_HOME means ~/.cache/epx.
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert fashion_mnist_search_path()[1] == t / "home" / ".cache" / "epx"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert fashion_mnist_search_path()[1] == t / "home" / ".cache" / "epx"
+    # The same directory twice is searched once; an empty EPX_DATA_DIR is ignored.
+    assert fashion_mnist_search_path(t / "env") == [t / "env", t / "home" / ".cache" / "epx", t / "system"]
+    monkeypatch.setenv("EPX_DATA_DIR", "")
+    assert fashion_mnist_search_path() == [t / "home" / ".cache" / "epx", t / "system"]
+
+
+@pytest.mark.parametrize("sub", [(), ("fashion-mnist",), ("FashionMNIST", "raw")])
+@pytest.mark.parametrize("gz", [True, False])
+def test_layouts(isolated, sub, gz):
+    root = isolated / "root"
+    write_fake_split(root.joinpath(*sub), fill=7, gz=gz)
+    img, lab = find_fashion_mnist(data_dir=root)
+    assert img.parent == root.joinpath(*sub) and img.name.endswith(".gz") == gz
+    assert lab.parent == img.parent
+    ds = load_fashion_mnist(data_dir=root, download=False, verify=False)
+    assert ds.images.shape == (20, 1, 28, 28) and int(ds.images.unique()) == 7
+    assert ds.labels.tolist() == [i % 10 for i in range(20)]
+    assert ds.source == str(img)
+
+
+def test_precedence(isolated, monkeypatch):
+    t = isolated
+    write_fake_split(t / "arg", fill=1)
+    write_fake_split(t / "env" / "fashion-mnist", fill=2)
+    write_fake_split(t / "xdg" / "epx" / "fashion-mnist", fill=3)
+    write_fake_split(t / "system", fill=4)
+    monkeypatch.setenv("EPX_DATA_DIR", str(t / "env"))
+
+    def loaded_fill(**kw) -> int:
+        return int(load_fashion_mnist(download=False, verify=False, **kw).images[0, 0, 0, 0])
+
+    assert loaded_fill(data_dir=t / "arg") == 1
+    assert loaded_fill() == 2
+    monkeypatch.delenv("EPX_DATA_DIR")
+    assert loaded_fill() == 3
+    shutil.rmtree(t / "xdg")
+    assert loaded_fill() == 4
+    # A directory with only one of the two files does not count: the search goes on to the next one.
+    write_fake_split(t / "half", fill=5)
+    (t / "half" / "train-labels-idx1-ubyte.gz").unlink()
+    assert loaded_fill(data_dir=t / "half") == 4
+    # Splits are found independently.
+    assert find_fashion_mnist("test", data_dir=t / "arg") is None
+
+
+def test_fake_files_fail_verification(isolated):
+    write_fake_split(isolated / "arg", fill=1)
+    with pytest.raises(ChecksumError, match="train-images-idx3-ubyte.gz"):
+        load_fashion_mnist(data_dir=isolated / "arg", download=False)
+
+
+def test_unknown_split(isolated):
+    with pytest.raises(ValueError, match="train, test"):
+        load_fashion_mnist("validation", download=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Not found, fallback, downloads
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_not_found_message_lists_places_and_fixes(isolated, monkeypatch):
+    monkeypatch.setenv("EPX_DATA_DIR", str(isolated / "env"))
+    with pytest.raises(DataNotFound) as info:
+        load_fashion_mnist(data_dir=isolated / "arg", download=False)
+    err = info.value
+    assert list(err.searched) == fashion_mnist_search_path(isolated / "arg")
+    msg = str(err)
+    for root in err.searched:
+        assert str(root) in msg
+    for fix in ("EPX_DATA_DIR", "--data-dir", "dataset-fashion-mnist", "online"):
+        assert fix in msg
+    assert "\n" not in err.summary
+
+
+def _one_warning_fallback(**kw):
+    seen: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may go to warnings.warn when warn= is given
+        ds = resolve_images("auto", warn=seen.append, **kw)
+    return ds, seen
+
+
+def test_auto_falls_back_with_one_warning(isolated):
+    ds, seen = _one_warning_fallback(download=False)
+    assert ds.name == "sample" and ds.source == "generated"
+    assert torch.equal(ds.images, make_sample().images)
+    assert len(seen) == 1
+    msg = seen[0]
+    assert "\n" not in msg and msg.startswith("warning:")
+    assert "sample" in msg and "EPX_DATA_DIR" in msg and "--data-dir" in msg
+    assert str(isolated / "system") in msg
+
+
+def test_auto_default_warn_is_warnings_warn(isolated):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = resolve_images("auto", download=False)
+    assert ds.name == "sample"
+    assert len(caught) == 1 and "sample" in str(caught[0].message)
+
+
+def test_auto_falls_back_when_download_fails(isolated, monkeypatch):
+    calls: list[str] = []
+
+    def offline(url, dest, **kw):
+        calls.append(url)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setattr(data, "_mirrors", lambda: ["http://mirror-a.invalid/", "http://mirror-b.invalid/"])
+    ds, seen = _one_warning_fallback(download=True)
+    assert ds.name == "sample"
+    assert calls == ["http://mirror-a.invalid/train-images-idx3-ubyte.gz",
+                     "http://mirror-b.invalid/train-images-idx3-ubyte.gz"]
+    assert len(seen) == 1 and "network is unreachable" in seen[0] and "\n" not in seen[0]
+    # Asked for by name, the same failure is an error.
+    with pytest.raises(DataNotFound, match="network is unreachable"):
+        resolve_images("fashionmnist", download=True)
+
+
+def test_download_gives_up_after_timeout(isolated, monkeypatch):
+    calls: list[str] = []
+
+    def slow_failure(url, dest, **kw):
+        calls.append(url)
+        time.sleep(0.15)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(data, "_fetch", slow_failure)
+    monkeypatch.setattr(data, "_mirrors", lambda: [f"http://m{i}.invalid/" for i in range(5)])
+    start = time.monotonic()
+    with pytest.raises(data.DownloadError, match="gave up"):
+        data.download_fashion_mnist(timeout=0.2)
+    assert len(calls) == 2 and time.monotonic() - start < 1.0
+
+
+def test_resolve_host_is_bounded_by_timeout(monkeypatch):
+    monkeypatch.setattr(data.urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(data.socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        data._resolve_host("http://dns-hangs.invalid/x", 0.2)
+    assert time.monotonic() - start < 1.0
+
+
+def test_fetch_verifies_and_writes_atomically(tmp_path):
+    # The real _fetch on file:// URLs: exercises urlopen, hashing and the atomic rename without a network.
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"hello dataset")
+    good = hashlib.sha256(b"hello dataset").hexdigest()
+    dest = tmp_path / "out" / "file.gz"
+    _real_fetch(src.as_uri(), dest, sha256=good, max_bytes=100, timeout=1.0)
+    assert dest.read_bytes() == b"hello dataset"
+    dest.unlink()
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
+        _real_fetch(src.as_uri(), dest, sha256="0" * 64, max_bytes=100, timeout=1.0)
+    with pytest.raises(OSError, match="exceeds"):
+        _real_fetch(src.as_uri(), dest, sha256=good, max_bytes=5, timeout=1.0)
+    # Neither the target nor a temporary file is left behind.
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@needs_real
+def test_download_into_cache_then_found_there(isolated, monkeypatch):
+    monkeypatch.setattr(data, "_fetch", _real_fetch)
+    bad = isolated / "bad-mirror"
+    write_fake_split(bad, fill=0, split="test")  # right names, wrong bytes: must be rejected and skipped
+    mirrors = [bad.as_uri() + "/", REAL_DIR.as_uri() + "/"]
+    monkeypatch.setattr(data, "_mirrors", lambda: mirrors)
+    ds = load_fashion_mnist("test", download=True)
+    assert ds.source == mirrors[1] + "t10k-images-idx3-ubyte.gz"
+    cache = isolated / "xdg" / "epx" / "fashion-mnist"
+    assert sorted(p.name for p in cache.iterdir()) == list(data.FASHION_MNIST_FILES["test"])
+    assert abs(ds.images.double().mean().item() - TEST_PIXEL_MEAN) < 1e-3
+    # Next time the cache is a search root; nothing is downloaded.
+    monkeypatch.setattr(data, "_mirrors", lambda: [])
+    again = load_fashion_mnist("test", download=True)
+    assert again.source == str(cache / "t10k-images-idx3-ubyte.gz")
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="auto, fashionmnist, sample"):
+        resolve_images("cifar11")
+
+
+def test_fashionmnist_by_name_raises_not_found(isolated):
+    with pytest.raises(DataNotFound):
+        resolve_images("fashionmnist", download=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The generated sample
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample() -> ImageDataset:
+    return make_sample()
+
+
+def test_sample_shape_dtype_balance(sample):
+    assert sample.name == "sample" and sample.source == "generated" and sample.classes == 10
+    assert sample.images.shape == (2048, 1, 28, 28) and sample.images.dtype == torch.uint8
+    assert sample.labels.shape == (2048,) and sample.labels.dtype == torch.int64
+    assert sorted(torch.bincount(sample.labels, minlength=10).tolist()) == [204] * 2 + [205] * 8
+    assert torch.bincount(make_sample(100).labels).tolist() == [10] * 10
+    assert int(sample.images.max()) > 200  # uses the range, not a dim sliver of it
+
+
+def test_sample_deterministic_and_leaves_global_rng_alone(sample):
+    state = torch.get_rng_state()
+    again = make_sample()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(again.images, sample.images) and torch.equal(again.labels, sample.labels)
+    other = make_sample(seed=1)
+    assert not torch.equal(other.images, sample.images)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances, row by row (no BLAS: its threads crawl on a busy machine)."""
+    return np.stack([np.sqrt(((a - row) ** 2).sum(1)) for row in b], axis=1)
+
+
+def test_sample_classes_are_distinct_but_samples_vary(sample):
+    x = sample.images.numpy().reshape(sample.n, -1).astype(np.float32) / 255
+    y = sample.labels.numpy()
+    means = np.stack([x[y == c].mean(0) for c in range(10)])
+    dist = _pairwise(means, means) + np.eye(10) * 1e9
+    assert dist.min() > 1.5, f"two class means are only {dist.min():.2f} apart (L2 over 784 pixels in [0,1])"
+    nearest = _pairwise(x, means).argmin(1)
+    assert (nearest == y).mean() > 0.75
+    for c in range(10):
+        xc = x[y == c][:30]
+        mean_pair_dist = _pairwise(xc, xc).sum() / (30 * 29)
+        assert mean_pair_dist > 2.5, f"class {c} samples barely vary"
+
+
+def test_sample_is_fast():
+    make_sample(64)  # warm-up: first torch calls in a process pay one-off costs
+    start = time.perf_counter()
+    make_sample(2048)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_sample_rejects_empty():
+    with pytest.raises(ValueError, match="n >= 1"):
+        make_sample(0)
+
+
+def test_sample_test_split_differs(isolated):
+    train = resolve_images("sample")
+    test = resolve_images("sample", split="test")
+    assert not torch.equal(train.images, test.images)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ImageDataset
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_batch_deterministic_and_matches_randperm(sample):
+    x1, y1 = sample.batch(64, generator=torch.Generator().manual_seed(3))
+    x2, y2 = sample.batch(64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x3, _ = sample.batch(64, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(x1, x3)
+    idx = torch.randperm(sample.n, generator=torch.Generator().manual_seed(3))[:64]
+    assert torch.equal(y1, sample.labels[idx])
+    assert torch.equal((x1 * 255).round().to(torch.uint8), sample.images[idx])
+    assert x1.dtype == torch.float32 and 0 <= float(x1.min()) and float(x1.max()) <= 1
+    x64, _ = sample.batch(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert x64.dtype == torch.float64
+    full, _ = sample.batch(sample.n, generator=torch.Generator().manual_seed(0))
+    assert full.shape[0] == sample.n
+
+
+@pytest.mark.parametrize("size", [0, -1, 2049])
+def test_batch_rejects_bad_size(sample, size):
+    with pytest.raises(ValueError) as info:
+        sample.batch(size, generator=torch.Generator())
+    assert str(size) in str(info.value) and "2048" in str(info.value)
+
+
+def test_batch_rejects_non_integer_and_integer_dtype(sample):
+    with pytest.raises(TypeError):
+        sample.batch(True, generator=torch.Generator())
+    with pytest.raises(TypeError):
+        sample.batch(2.5, generator=torch.Generator())
+    with pytest.raises(ValueError, match="floating"):
+        sample.batch(4, generator=torch.Generator(), dtype=torch.int32)
+
+
+def test_dataset_validates_its_fields():
+    img = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        ImageDataset("x", img.float(), torch.zeros(4, dtype=torch.int64), "generated", 2)
+    with pytest.raises(ValueError, match="int64"):
+        ImageDataset("x", img, torch.zeros(4, dtype=torch.int32), "generated", 2)
+    with pytest.raises(ValueError, match="4 images but 3 labels"):
+        ImageDataset("x", img, torch.zeros(3, dtype=torch.int64), "generated", 2)
+    with pytest.raises(ValueError, match="outside"):
+        ImageDataset("x", img, torch.tensor([0, 1, 2, 0]), "generated", 2)
+
+
+def test_describe_is_json(sample):
+    d = sample.describe()
+    assert d == {"name": "sample", "source": "generated", "n": 2048, "shape": [1, 28, 28], "classes": 10}
+    assert json.loads(json.dumps(d)) == d
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_register_builtin_datasets(isolated):
+    registered: dict[str, tuple] = {}
+
+    def register(name, factory, **kw):
+        registered[name] = (factory, kw)
+
+    data.register_builtin_datasets(register)
+    assert set(registered) == {"fashionmnist", "sample", "auto"}
+    for factory, kw in registered.values():
+        assert isinstance(kw.get("summary"), str) and kw["summary"]
+        assert factory.__kwdefaults__ == {"data_dir": None, "download": True, "warn": None, "split": "train"}
+    assert registered["sample"][0]().source == "generated"
+    seen: list[str] = []
+    assert registered["auto"][0](download=False, warn=seen.append).name == "sample" and len(seen) == 1
+    with pytest.raises(DataNotFound):
+        registered["fashionmnist"][0](download=False)

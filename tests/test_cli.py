@@ -133,3 +133,15 @@ def test_list_info_and_plugins(epx):
     records = {r["name"]: r for r in json.loads(plugins.stdout)}
     assert records["aep"]["registered"] == ["estimator:aep"]
     assert records["ep_core"]["status"] == "ok"
+
+
+def test_cli_reference_documents_every_option():
+    from pathlib import Path
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    commands = [cli_main.cli, *cli_main.cli.commands.values()]
+    for command in commands:
+        for param in command.params:
+            for flag in param.opts:
+                if flag.startswith("--"):
+                    assert f"`{flag}" in reference, f"docs/cli.md does not document {command.name} {flag}"

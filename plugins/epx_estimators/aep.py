@@ -14,7 +14,9 @@ Exact as β → 0 for any converged, stable fixed point, conservative or not. Th
 
 Computation: Jᵀv is one application of the vjp closure built once at x*; Jv = F(x) − F(x*) + O(|v|²) comes free
 from the force the step has already computed (the O(|v|²) = O(β²) error is the same for ±β and cancels in the
-centered difference). Option ``clip`` = κ: when ||correction|| > κ·||F(x) − σβ∇ₓC(x)||, rescale the correction to
+centered difference). When the model declares its non-conservative part N (F = −∇E + N), the symmetric −∇²E
+drops out of Jv − Jᵀv, so only N is linearised: the correction is −(J_N v − J_Nᵀv), with J_N v = N(x) − N(x*),
+which costs one N evaluation and one vjp through N instead of a vjp through all of F. Option ``clip`` = κ: when ||correction|| > κ·||F(x) − σβ∇ₓC(x)||, rescale the correction to
 that norm (the seeds use κ = 1), which guards the first steps of a strongly non-conservative model.
 Cost: ep's, plus one vjp application per nudged step (≈ one force evaluation).
 """
@@ -52,13 +54,29 @@ class AEP:
         self.config = config or AEPConfig()
 
     def antisymmetric_correction(self, model, batch: Batch, equilibrium: Equilibrium):
-        """The drive (x, F(x)) ↦ −(Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*."""
-        force_at_fixed_point, J_transpose = linearize(lambda x: model.force(x, batch), equilibrium.state)
+        """The term (x, F(x)) ↦ −(Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*.
+
+        J is the Jacobian of the model's non-conservative part when it declares one, else of the whole force.
+        """
+        nonconservative = getattr(model, "nonconservative", None)
+        if callable(nonconservative):
+            def part(x: State) -> State:
+                return nonconservative(x, batch)
+
+            def part_at(x: State, force: State) -> State:
+                return part(x)
+        else:
+            def part(x: State) -> State:
+                return model.force(x, batch)
+
+            def part_at(x: State, force: State) -> State:
+                return force
+        part_at_fixed_point, J_transpose = linearize(part, equilibrium.state)
         clip = self.config.clip
 
         def correction(x: State, force: State, nudged_force: State) -> State:
             v = sub(x, equilibrium.state)
-            Jv = sub(force, force_at_fixed_point)
+            Jv = sub(part_at(x, force), part_at_fixed_point)
             term = sub(J_transpose(v), Jv)
             if clip is not None:
                 limit, size = clip * norm(nudged_force), norm(term)

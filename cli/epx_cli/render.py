@@ -77,6 +77,4 @@ def comparison_notes(data: dict[str, Any]) -> list[str]:
                          f"to match — raise T1 (--model-set T1=...) or lower eps")
         if not row["deterministic"]:
             notes.append(f"{row['label']}: repeated runs with the same seed gave different gradients")
-    if data["device"] == "cpu":
-        notes.append("peak memory is measured on CUDA only (run with --device cuda)")
     return notes

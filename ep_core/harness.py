@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ep_core.protocols import Batch, GradientEstimate, parameter_groups
+from ep_core.protocols import Batch, EpxError, GradientEstimate, parameter_groups
 
 FORMAT = "epx.comparison/1"
 CONVERGED_TOL = 1e-4
@@ -87,6 +87,9 @@ def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: 
         return estimator.estimate(model, batch, generator=generator)
 
     first = run()
+    broken = [name for name, g in first.grads.items() if not bool(torch.isfinite(g).all())]
+    if broken:
+        raise EpxError(f"{type(estimator).name} returned non-finite gradients for {', '.join(broken)}")
     for _ in range(warmup - 1):
         run()
     times: list[float] = []

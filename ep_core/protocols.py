@@ -83,6 +83,8 @@ class Estimator(Protocol):
     Config: ClassVar[type[Config]]
     requires: ClassVar[type]
     exact_limit: ClassVar[str]
+    conformance_limit: ClassVar[str | None]
+    """What ep_core.testing samples to check exactness: "conservative", "any-stable" or None."""
     config: Config
 
     def estimate(self, model: Any, batch: Batch, *, generator: torch.Generator) -> GradientEstimate: ...

@@ -119,8 +119,12 @@ def free_phase(model, batch: Batch, steps: int | None = None) -> Equilibrium:
 
 
 def cost_gradient(model, batch: Batch, state: State) -> State:
-    """g = ∇ₓC(x)."""
-    return torch.func.grad(lambda x: model.cost(x, batch))(detach(state))
+    """g = ∇ₓC(x). Plain reverse mode on a fresh leaf: it runs every nudged step, where torch.func.grad's
+    per-call transform setup cost 0.29 ms against 0.11 ms for this on cet."""
+    with torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_() for t in state)
+        cost = model.cost(leaves, batch)
+        return detach(torch.autograd.grad(cost, leaves, allow_unused=True, materialize_grads=True))
 
 
 def nudge(model, batch: Batch, beta: float, correction: Correction | None = None) -> Drive:
@@ -161,11 +165,12 @@ def linearize(fn: Callable[[State], State], state: State) -> tuple[State, Callab
 
 def parameter_gradient(model: torch.nn.Module, objective: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
     """∂objective/∂θ for every named parameter (zeros where it does not depend on θ); ``param.grad`` untouched."""
-    named = [(name, p) for name, p in model.named_parameters()]
+    trainable = [p for _, p in model.named_parameters() if p.requires_grad]
     with torch.enable_grad():
         value = objective()
-        grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
-    return {name: (torch.zeros_like(p) if g is None else g.detach()) for (name, p), g in zip(named, grads)}
+        grads = dict(zip(map(id, trainable), torch.autograd.grad(value, trainable, allow_unused=True)))
+    return {name: (torch.zeros_like(p) if grads.get(id(p)) is None else grads[id(p)].detach())
+            for name, p in model.named_parameters()}
 
 
 def force_pairing(model, batch: Batch, state: State, direction: State) -> dict[str, torch.Tensor]:

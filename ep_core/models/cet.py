@@ -172,7 +172,8 @@ class CET(nn.Module):
 
     def nonconservative(self, state: State, batch: Batch) -> State:
         z, y = state
-        return self.config.s * self.attention(z), torch.zeros_like(y)
+        attention = self.config.s * self.attention(z) if self.config.s else torch.zeros_like(z)
+        return attention, torch.zeros_like(y)
 
     def project(self, state: State) -> State:
         if not self.config.project:

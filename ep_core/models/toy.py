@@ -85,6 +85,14 @@ class Toy(nn.Module):
         drive = rho @ self.coupling_matrix().T + self.b + batch["inputs"] @ self.U.T
         return (-x + (1 - rho.pow(2)) * drive,)
 
+    def nonconservative(self, state: State, batch: Batch) -> State:
+        """N(x) = ρ'(x) ⊙ (ρ(x)·Aᵀ), A = ½(W_eff − W_effᵀ): F − N is the gradient flow of E with the symmetric
+        part of W_eff, so N is the whole non-gradient part (zero when conservative)."""
+        (x,) = state
+        rho = torch.tanh(x)
+        coupling = self.coupling_matrix()
+        return ((1 - rho.pow(2)) * (rho @ (0.5 * (coupling - coupling.T)).T),)
+
     def energy(self, state: State, batch: Batch) -> torch.Tensor:
         """E(x), summed over the batch; defined only in the conservative case."""
         if not self.config.conservative:

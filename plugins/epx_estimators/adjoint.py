@@ -44,6 +44,7 @@ class Adjoint:
     Config: ClassVar[type[Config]] = AdjointConfig
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "converged stable fixed point and converged adjoint iteration"
+    conformance_limit: ClassVar[str | None] = "any-stable"
     summary: ClassVar[str] = "projected implicit differentiation: a = J_Gᵀa + g at the fixed point"
 
     def __init__(self, config: AdjointConfig | None = None):
@@ -65,7 +66,7 @@ class Adjoint:
                 for _ in range(budget):
                     a = add(J_G_transpose(a), g)
                     applications += 1
-            adjoint_residual = float(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(1e-300))
+            adjoint_residual = float(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(torch.finfo(a[0].dtype).tiny))
         grads = parameter_gradient(model, lambda: inner(a, G(x_star)) + model.cost(x_star, batch))
         return GradientEstimate(
             grads=grads,

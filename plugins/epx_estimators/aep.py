@@ -48,6 +48,7 @@ class AEP:
     Config: ClassVar[type[Config]] = AEPConfig
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "any converged stable fixed point (conservative or not), β → 0"
+    conformance_limit: ClassVar[str | None] = "any-stable"
     summary: ClassVar[str] = "asymmetric EP: nudged phases corrected by −(Jv − Jᵀv), exact without symmetry"
 
     def __init__(self, config: AEPConfig | None = None):

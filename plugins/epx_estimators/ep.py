@@ -38,6 +38,7 @@ class EP:
     Config: ClassVar[type[Config]] = EPConfig
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "conservative model (symmetric J), converged stable fixed point, β → 0"
+    conformance_limit: ClassVar[str | None] = "conservative"
     summary: ClassVar[str] = "equilibrium propagation: contrast of ±β nudged phases"
 
     def __init__(self, config: EPConfig | None = None):

@@ -1,0 +1,287 @@
+"""Properties of the estimators on random toy models, and of the conformance kit that checks them.
+
+Exact limits (DESIGN.md): ep — conservative model, converged, small β; aep and adjoint — any converged stable
+model. bptt is checked against finite differences, so the reference itself is tested. Most checks go through
+``ep_core.testing`` so that the kit third parties run is exercised by the built-ins too, and the kit is shown
+to fail on estimators that break the contract.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from epx_estimators.adjoint import Adjoint
+from epx_estimators.aep import AEP
+from epx_estimators.ep import EP
+from hypothesis import given, settings
+
+from ep_core.bptt import BPTT, BPTTConfig
+from ep_core.harness import gradient_metrics
+from ep_core.models.toy import Toy, ToyConfig
+from ep_core.protocols import EquilibriumModel, GradientEstimate
+from ep_core.testing import (
+    LIMIT_SETTINGS,
+    at_limit,
+    check_estimator,
+    check_exact_limit,
+    conformance_limit,
+    make_toy_problem,
+    pytest_plugin,
+    run_estimate,
+    toy_models,
+)
+
+pytest_plugins = ["pytester"]
+epx_check = pytest_plugin.epx_check  # the plugin's fixture, even without its pytest11 entry point
+
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+# --- exactness against bptt ---------------------------------------------------------------------------------
+
+@PROPERTY
+@given(toy_models(conservative=True))
+def test_ep_aep_adjoint_equal_bptt_on_conservative_toys(problem):
+    model, batch = problem
+    reference = run_estimate(BPTT(), model, batch)
+    for estimator in (EP(), AEP()):
+        check_exact_limit(estimator, model, batch, reference=reference)  # cosine >= 0.999, beta 1e-3, T2 100
+    assert check_exact_limit(Adjoint(), model, batch, reference=reference)["rel_error"] < 1e-6
+
+
+class UndeclaredToy(Toy):
+    """The toy without its declared non-conservative part, so that aep linearises the whole force."""
+
+    nonconservative = None
+
+
+@PROPERTY
+@given(toy_models(conservative=False))
+def test_aep_adjoint_equal_bptt_on_nonconservative_toys(problem):
+    model, batch = problem
+    reference = run_estimate(BPTT(), model, batch)
+    check_exact_limit(AEP(), model, batch, reference=reference)
+    undeclared = UndeclaredToy(problem.config, generator=torch.Generator()).to(problem.dtype)
+    undeclared.load_state_dict(model.state_dict())
+    check_exact_limit(AEP(), undeclared, batch, reference=reference)
+    assert check_exact_limit(Adjoint(), model, batch, reference=reference)["rel_error"] < 1e-6
+    gmres = Adjoint(Adjoint.Config(solver="gmres", tol=1e-12))
+    assert check_exact_limit(gmres, model, batch, reference=reference)["rel_error"] < 1e-6
+
+
+def test_naive_ep_is_wrong_on_nonconservative_toys():
+    """Without the correction, the vector-field rule is biased where J is not symmetric: aep is not."""
+    cosines = {"ep": [], "aep": []}
+    for seed in range(5):
+        config = ToyConfig(units=6, inputs=3, outputs=2, conservative=False, coupling=0.7, T1=300)
+        model, batch = make_toy_problem(config, init_seed=seed, batch_size=4, batch_seed=seed)
+        reference = run_estimate(BPTT(), model, batch).grads
+        for estimator in (EP(), AEP()):
+            estimate = run_estimate(at_limit(estimator), model, batch).grads
+            cosines[estimator.name].append(gradient_metrics(estimate, reference, {})["cosine"])
+    ep_mean, aep_mean = (sum(c) / len(c) for c in cosines.values())
+    assert aep_mean > 0.999999, cosines
+    assert ep_mean < 0.99, cosines  # measured: 0.957
+    assert all(e < a - 1e-3 for e, a in zip(cosines["ep"], cosines["aep"])), cosines
+
+
+@PROPERTY
+@given(toy_models())
+def test_aep_free_phase_equals_eps(problem):
+    model, batch = problem
+    ep = run_estimate(EP(EP.Config(T2=1)), model, batch)
+    aep = run_estimate(AEP(AEP.Config(T2=1)), model, batch)
+    assert ep.fixed_point is not None and aep.fixed_point is not None
+    assert len(ep.fixed_point) == len(aep.fixed_point)
+    assert all(torch.equal(a, b) for a, b in zip(ep.fixed_point, aep.fixed_point))
+    assert ep.stats["residual"] == aep.stats["residual"]
+
+
+def unrolled_cost(model, batch) -> float:
+    """C(x_T1(θ)), written out here rather than taken from ep_core.relax."""
+    eps = model.dynamics.eps
+    with torch.no_grad():
+        x = model.init_state(batch)
+        for _ in range(model.dynamics.T1):
+            x = model.project(tuple(xi + eps * fi for xi, fi in zip(x, model.force(x, batch))))
+        return float(model.cost(x, batch))
+
+
+@PROPERTY
+@given(toy_models(T1=30, max_units=5))
+def test_bptt_equals_central_finite_differences(problem):
+    model, batch = problem
+    grads = run_estimate(BPTT(), model, batch).grads
+    h = 1e-6
+    for name, p in model.named_parameters():
+        original = p.detach().clone()
+        fd = torch.zeros_like(p)
+        try:
+            for i in range(p.numel()):
+                with torch.no_grad():
+                    p.view(-1)[i] = original.view(-1)[i] + h
+                up = unrolled_cost(model, batch)
+                with torch.no_grad():
+                    p.view(-1)[i] = original.view(-1)[i] - h
+                down = unrolled_cost(model, batch)
+                with torch.no_grad():
+                    p.view(-1)[i] = original.view(-1)[i]
+                fd.view(-1)[i] = (up - down) / (2 * h)
+        finally:
+            with torch.no_grad():
+                p.copy_(original)
+        error = float(torch.linalg.vector_norm(fd - grads[name]))
+        assert error <= 1e-5 * float(torch.linalg.vector_norm(fd)) + 1e-10, (name, fd, grads[name])
+
+
+# --- the contract, through the kit --------------------------------------------------------------------------
+
+BUILTINS = {
+    "bptt": BPTT,
+    "ep": EP,
+    "aep": AEP,
+    "adjoint": Adjoint,
+    "adjoint-gmres": Adjoint(Adjoint.Config(solver="gmres")),
+}
+VARIANTS = {  # other code paths, sampled more lightly
+    "ep-one-sided": EP(EP.Config(centered=False)),
+    "aep-clip": AEP(AEP.Config(clip=1.0)),
+}
+
+
+@pytest.mark.parametrize(("name", "examples"),
+                         [*((name, 25) for name in BUILTINS), *((name, 10) for name in VARIANTS)])
+def test_builtin_estimators_meet_the_contract(epx_check, name, examples):
+    """Finite gradients of the right shape for every parameter, hands off the model, deterministic.
+
+    Exactness (rule 5) is sampled by the properties above with the same kit function; not repeated here.
+    """
+    epx_check({**BUILTINS, **VARIANTS}[name], examples=examples, exact=False)
+
+
+def test_kit_checks_exactness_where_declared():
+    check_estimator(Adjoint, examples=4)  # rule 5 included
+
+
+def test_kit_limits_of_the_builtins():
+    limits = [conformance_limit(cls) for cls in (BPTT, EP, AEP, Adjoint)]
+    assert limits == [None, "conservative", "any-stable", "any-stable"]
+    # only the fields a config has are changed, and None-valued options (aep's clip) survive
+    assert at_limit(AEP()).config.to_dict() == {**AEP().config.to_dict(), **LIMIT_SETTINGS}
+    adjoint = Adjoint()
+    assert at_limit(adjoint) is adjoint  # no beta, no T2: unchanged
+
+    class Declared(EP):
+        conformance_limit: ClassVar[str | None] = None
+
+    class Invalid(EP):
+        conformance_limit: ClassVar[str] = "sometimes"
+
+    assert conformance_limit(Declared) is None
+    with pytest.raises(ValueError, match="sometimes"):
+        conformance_limit(Invalid)
+
+
+# --- the kit fails estimators that break the contract -------------------------------------------------------
+
+class Flawed:
+    """A third-party-style estimator: bptt, plus one deliberate flaw."""
+
+    name: ClassVar[str] = "flawed"
+    Config: ClassVar[type] = BPTTConfig
+    requires: ClassVar[type] = EquilibriumModel
+    exact_limit: ClassVar[str] = "always"
+    conformance_limit: ClassVar[str | None] = "any-stable"
+    flaw: ClassVar[str] = ""
+
+    def __init__(self, config: BPTTConfig | None = None):
+        self.config = config or BPTTConfig()
+
+    def estimate(self, model, batch, *, generator) -> GradientEstimate:
+        estimate = BPTT().estimate(model, batch, generator=generator)
+        grads, params = estimate.grads, dict(model.named_parameters())
+        match self.flaw:
+            case "writes param.grad":
+                for name, p in params.items():
+                    p.grad = grads[name].clone()
+            case "changes a parameter":
+                with torch.no_grad():
+                    params["b"].add_(torch.finfo(params["b"].dtype).eps)
+            case "global randomness":
+                grads["W"] = grads["W"] + 1e-9 * torch.randn(grads["W"].shape, dtype=grads["W"].dtype)
+            case "missing gradient":
+                del grads["U"]
+            case "non-finite":
+                grads["U"] = grads["U"].clone()
+                grads["U"].view(-1)[0] = math.nan
+            case "wrong shape":
+                grads["b"] = grads["b"][None]
+            case "wrong dtype":
+                grads["W"] = grads["W"].float()
+            case "not exact":
+                estimate.grads = {name: -g for name, g in grads.items()}
+        return estimate
+
+
+@pytest.mark.parametrize(("flaw", "message"), [
+    ("writes param.grad", r"set W\.grad|changed b\.grad|never touch"),
+    ("changes a parameter", r"changed the model: \['b'\]"),
+    ("global randomness", r"not deterministic.*'W'"),
+    ("missing gradient", r"no gradient for parameters \['U'\]"),
+    ("non-finite", r"'U' has 1 non-finite"),
+    ("wrong shape", r"gradient of 'b' is \(1, \d\)"),
+    ("wrong dtype", r"'W' .*torch\.float32"),
+    ("not exact", r"declares itself exact .*cosine to bptt is"),
+])
+def test_kit_catches_a_broken_estimator(flaw, message):
+    estimator = type(flaw.title(), (Flawed,), {"flaw": flaw})
+    with pytest.raises(AssertionError, match=message):
+        check_estimator(estimator, examples=3)
+
+
+def test_kit_catches_a_bad_declaration():
+    @dataclass
+    class NotAConfig:
+        beta: float = 0.1
+
+    estimator = type("NoConfig", (Flawed,), {"Config": NotAConfig})
+    with pytest.raises(AssertionError, match="Config"):
+        check_estimator(estimator, examples=1)
+
+
+def test_kit_catches_naive_ep_claiming_any_stable_model():
+    """Naive ep, mis-declared as exact for non-conservative models: the kit must find a counterexample."""
+    claims_too_much = type("OverclaimingEP", (EP,), {"conformance_limit": "any-stable"})
+    with pytest.raises(AssertionError, match=r"ep: declares itself exact in the limit 'any-stable'"):
+        check_estimator(claims_too_much, examples=8)
+
+
+def test_toy_problem_rebuilds_bit_identically():
+    config = ToyConfig(units=5, conservative=False)
+    problem = make_toy_problem(config, init_seed=3, batch_size=2, batch_seed=4)
+    names = {"make_toy_problem": make_toy_problem, "ToyConfig": ToyConfig, "torch": torch}
+    again = eval(repr(problem), names)  # the repr Hypothesis prints for a falsifying example
+    for (_, p), (_, q) in zip(problem.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(p, q) and p.dtype == torch.float64
+    assert all(torch.equal(problem.batch[k], again.batch[k]) for k in problem.batch)
+    model, _ = problem.rebuild()
+    assert torch.equal(model.W, problem.model.W) and model.W is not problem.model.W
+
+
+def test_pytest_plugin_provides_epx_check(pytester):
+    pytester.makepyfile("""
+        from ep_core.testing import check_estimator
+        from ep_core.bptt import BPTT
+
+        def test_third_party(epx_check):
+            assert epx_check is check_estimator
+            epx_check(BPTT, examples=1)
+    """)
+    # "no:epx" keeps the installed entry point (if any) from registering the same module twice
+    result = pytester.runpytest("-p", "no:epx", "-p", "ep_core.testing.pytest_plugin",
+                                "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -3,7 +3,9 @@
 Per estimator: cosine to the reference (all parameters, each parameter group, each parameter), relative L2 error
 ||ĝ − g|| / ||g||, norm ratio ||ĝ|| / ||g||, median milliseconds per gradient after a warm-up (CUDA synchronised),
 peak memory (CUDA only: the CPU allocator keeps no high-water mark), the free-phase residual, and force
-evaluations. Whether repeated runs gave bit-identical gradients is recorded too. A parameter or group whose
+evaluations. Whether repeated runs gave bit-identical gradients is recorded too, and so is the relative distance
+||x*_a − x*_b|| / ||x*_b|| between the free equilibria that estimators a and b reached (0 when they share the
+same free phase, as ep and aep must). A parameter or group whose
 reference gradient is zero has no defined cosine and is reported as None ("n/a"), never NaN.
 """
 
@@ -22,7 +24,9 @@ from typing import Any
 
 import torch
 
-from ep_core.protocols import Batch, EpxError, GradientEstimate, parameter_groups
+from ep_core.protocols import Batch, EpxError, GradientEstimate, State, parameter_groups
+from ep_core.relax import norm, sub
+from ep_core.seeding import ESTIMATOR_STREAM, generator
 
 FORMAT = "epx.comparison/1"
 CONVERGED_TOL = 1e-4
@@ -78,13 +82,13 @@ def _same(a: GradientEstimate, b: GradientEstimate) -> bool:
 
 
 def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: int = 1) -> Measurement:
-    """Run ``warmup`` untimed then ``repeats`` timed estimates, each with a generator seeded by ``seed``."""
+    """Run one untimed estimate (whose result is returned), ``warmup − 1`` more untimed ones, then ``repeats``
+    timed ones; each gets the estimator generator derived from ``seed``."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
 
     def run() -> GradientEstimate:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        return estimator.estimate(model, batch, generator=generator)
+        return estimator.estimate(model, batch, generator=generator(seed, ESTIMATOR_STREAM, device))
 
     first = run()
     broken = [name for name, g in first.grads.items() if not bool(torch.isfinite(g).all())]
@@ -126,6 +130,7 @@ class Result:
     converged: bool | None
     force_evals: int | None
     deterministic: bool
+    fixed_point_distance: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -168,6 +173,12 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, bool)) or value is None:
         return value
     return str(value)
+
+
+def _relative_distance(a: State, b: State) -> float:
+    with torch.no_grad():
+        scale = norm(b)
+        return float(norm(sub(a, b)) / scale) if scale > 0 else float(norm(a))
 
 
 def _result(label: str, estimator, measurement: Measurement, metrics: dict[str, Any], tol: float) -> Result:
@@ -219,12 +230,19 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
     ref_grads = ref_measurement.estimate.grads
     results = [_result(ref_label, ref_estimator, ref_measurement, gradient_metrics(ref_grads, ref_grads, groups),
                        converged_tol)]
+    fixed_points = {ref_label: ref_measurement.estimate.fixed_point}
     for done, (label, estimator) in enumerate(estimators, start=1):
         if progress:
             progress(label, done, total)
         m = measure(estimator, model, batch, seed=seed, repeats=repeats, warmup=warmup)
         results.append(_result(label, estimator, m, gradient_metrics(m.estimate.grads, ref_grads, groups),
                                converged_tol))
+        fixed_points[label] = m.estimate.fixed_point
+    for result in results:
+        mine = fixed_points[result.label]
+        result.fixed_point_distance = {other: _relative_distance(mine, theirs)
+                                       for other, theirs in fixed_points.items()
+                                       if other != result.label and mine is not None and theirs is not None}
     if progress:
         progress("done", total, total)
     device = next(model.parameters())

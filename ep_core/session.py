@@ -1,7 +1,7 @@
 """From names and ``key=value`` settings to objects: what the CLI, benchmarks and tests share.
 
-Seeds: one integer seeds independent generators for parameter initialisation, batch selection and masking, so
-changing the data does not change the initial parameters and vice versa. No global RNG is touched.
+Seeds: one integer seeds independent generators (ep_core.seeding) for parameter initialisation, batch selection,
+masking and the estimators.
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from ep_core.config import ConfigError, suggest
 from ep_core.harness import Comparison, Progress, compare
 from ep_core.plugins import Registry
 from ep_core.protocols import Batch
+from ep_core.seeding import DATA_STREAM, INIT_STREAM, MASK_STREAM, generator
 
-INIT_STREAM, DATA_STREAM, MASK_STREAM = 0, 1, 2
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def generator(seed: int, stream: int) -> torch.Generator:
-    """A CPU generator for one purpose (``stream``), derived from the user's seed."""
-    return torch.Generator().manual_seed(seed * 7919 + stream)
 
 
 def parse_settings(pairs: Sequence[str], option: str) -> dict[str, str]:
@@ -89,22 +84,30 @@ class Data:
     description: dict[str, Any]
 
 
-def build_batch(registry: Registry, model, *, data: str = "auto", data_dir: str | None = None,
-                batch_size: int = 32, seed: int = 0, download: bool = True,
-                warn: Callable[[str], None] | None = None) -> Data:
-    """The batch the model trains on: a random subset of the dataset, prepared (masked) by the model."""
+def needs_images(model_class: type) -> bool:
+    return getattr(model_class, "data", "images") == "images"
+
+
+def load_images(registry: Registry, data: str = "auto", *, data_dir: str | None = None, download: bool = True,
+                warn: Callable[[str], None] | None = None) -> Any:
+    """The image dataset named ``data`` ('auto' falls back to 'sample' with one warning)."""
+    return registry.get("dataset", data).factory(data_dir=data_dir, download=download, warn=warn)
+
+
+def build_batch(model, dataset: Any | None, *, batch_size: int = 32, seed: int = 0, requested: str = "auto") -> Data:
+    """The batch the model learns from: a random subset of ``dataset``, prepared (masked) by the model; or, for a
+    model with ``data = "synthetic"``, the batch it makes itself (``dataset`` is then unused)."""
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
     parameter = next(model.parameters())
-    if getattr(model, "data", "images") == "synthetic":
+    if not needs_images(type(model)):
         batch = model.make_batch(batch_size, generator=generator(seed, DATA_STREAM))
         return Data(batch, {"name": "synthetic", "source": f"{type(model).__name__}.make_batch",
                             "batch_size": batch_size})
-    dataset = registry.get("dataset", data).factory(data_dir=data_dir, download=download, warn=warn)
     images, labels = dataset.batch(batch_size, generator=generator(seed, DATA_STREAM), dtype=parameter.dtype)
     batch = model.prepare_batch(images, labels, generator=generator(seed, MASK_STREAM))
     batch = {k: v.to(parameter.device) for k, v in batch.items()}
-    return Data(batch, {**dataset.describe(), "requested": data, "batch_size": batch_size})
+    return Data(batch, {**dataset.describe(), "requested": requested, "batch_size": batch_size})
 
 
 def run_comparison(registry: Registry, estimators: Sequence[str], model_name: str, *,
@@ -112,8 +115,12 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
                    model_settings: Mapping[str, str] | None = None, data: str = "auto",
                    data_dir: str | None = None, batch_size: int = 32, seed: int = 0,
                    dtype: str = "float32", device: str = "cpu", repeats: int = 3, download: bool = True,
-                   warn: Callable[[str], None] | None = None, progress: Progress | None = None) -> Comparison:
-    """Build everything from names and settings, then :func:`ep_core.harness.compare`."""
+                   warn: Callable[[str], None] | None = None, progress: Progress | None = None,
+                   dataset: Any | None = None) -> Comparison:
+    """Build everything from names and settings, then :func:`ep_core.harness.compare`.
+
+    ``dataset`` reuses images already loaded (a sweep loads them once); otherwise ``data`` is loaded here.
+    """
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"{dtype!r} is not valid; valid: {', '.join(DTYPES)}")
     labels = list(dict.fromkeys(estimators))
@@ -127,8 +134,9 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
         if required is not None and not isinstance(model, required):
             raise ConfigError("model", f"{label} needs a {required.__name__}; {model_name} is not one")
     built = {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
-    prepared = build_batch(registry, model, data=data, data_dir=data_dir, batch_size=batch_size, seed=seed,
-                           download=download, warn=warn)
+    if dataset is None and needs_images(type(model)):
+        dataset = load_images(registry, data, data_dir=data_dir, download=download, warn=warn)
+    prepared = build_batch(model, dataset, batch_size=batch_size, seed=seed, requested=data)
     meta = {"model": {"name": model_name, "config": model.config.to_dict()}, "data": prepared.description}
     return compare([(label, built[label]) for label in labels], model, prepared.batch,
                    reference=(reference, built[reference]), seed=seed, repeats=repeats, meta=meta,

@@ -90,7 +90,7 @@ def test_numbers_are_coerced_and_bools_are_not_numbers():
     (EPConfig, "beta", "none", "expected float"),
     (EPConfig, "centered", "maybe", "expected true or false"),
     (AdjointConfig, "solver", "cg", "one of neumann, gmres"),
-    (AEPConfig, "clip", "0", "> 0, or none"),
+    (AEPConfig, "clip", "0.5", ">= 1, or none"),
     (ToyConfig, "coupling", "1", "< 1"),
 ])
 def test_malformed_values_are_errors(config, key, value, needle):
@@ -116,7 +116,7 @@ def test_describe_lists_every_field_with_its_range():
     rows = {row["name"]: row for row in EPConfig.describe()}
     assert set(rows) == {"beta", "T2", "centered"}
     assert rows["beta"]["range"] == "> 0" and rows["beta"]["default"] == 0.02 and rows["beta"]["help"]
-    assert {row["name"]: row["range"] for row in AEPConfig.describe()}["clip"] == "> 0, or none"
+    assert {row["name"]: row["range"] for row in AEPConfig.describe()}["clip"] == ">= 1, or none"
 
 
 # --- gradient metrics ---------------------------------------------------------------------------------------

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ep_core.config import ConfigError
+from ep_core.files import write_atomic
 from ep_core.plugins import PluginError, Registry, UnknownNameError, load
 from ep_core.protocols import EpxError
 from epx_cli.render import comparison_notes, comparison_table
@@ -37,13 +37,13 @@ def registry() -> Registry:
 
 
 def fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Map epx's exceptions to exit codes and one-line messages; no tracebacks for expected failures."""
-    from ep_core.data import DataNotFound
+    from ep_core.data import ChecksumError, DataNotFound
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,23 +51,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except (ConfigError, UnknownNameError) as exc:
             fail(str(exc), EXIT_USAGE)
-        except (DataNotFound, PluginError, EpxError) as exc:
+        except (DataNotFound, ChecksumError, PluginError, EpxError) as exc:
             fail(str(exc), EXIT_RUNTIME)
     return wrapper
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EpxGroup(click.Group):
@@ -184,25 +170,64 @@ def plugins(as_json: bool) -> None:
     out.print(table)
 
 
+def comparison_options(*, repeats: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options that say what to compare on, shared by `compare` and `sweep`."""
+    options = [
+        click.argument("estimators", nargs=-1, required=True),
+        click.option("--model", "-m", "model_name", required=True,
+                     help="Model to measure on (see `epx list models`)."),
+        click.option("--ref", "reference", default="bptt", show_default=True, help="Reference estimator."),
+        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Estimator option, for every selected estimator that has it (beta=0.01) or one "
+                          "(aep.clip=1)."),
+        click.option("--model-set", "model_settings", multiple=True, metavar="KEY=VALUE",
+                     help="Model option, e.g. s=0.5, T1=400, eps=0.1, project=true."),
+        click.option("--data", default="auto", show_default=True,
+                     help="Dataset; 'auto' uses Fashion-MNIST if found, else the generated 'sample' set with a "
+                          "warning."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where to look for data first (then $EPX_DATA_DIR, ~/.cache/epx, system locations)."),
+        click.option("--no-download", is_flag=True, help="Never try to download data."),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+        click.option("--seed", default=0, show_default=True, type=int,
+                     help="Seeds initialisation, data and masks."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"])),
+        click.option("--repeats", default=repeats, show_default=True, type=click.IntRange(min=1),
+                     help="Timed runs per estimator (after one warm-up); the median is reported."),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def check_names(estimators: tuple[str, ...], model_name: str, reference: str, device: str) -> Registry:
+    """Fail fast, before any data is loaded, on unknown names or an unusable device."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{device!r} requested but CUDA is not available here")
+    reg = registry()
+    for name in estimators:
+        reg.get("estimator", name)
+    reg.get("model", model_name)
+    reg.get("estimator", reference)
+    if not [e for e in estimators if e != reference]:
+        raise ConfigError("estimators", f"name at least one estimator besides the reference {reference!r}")
+    if reg.failures:
+        err.print(f"[yellow]warning:[/] {len(reg.failures)} plugin(s) failed to load; see `epx plugins`")
+    return reg
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message.removeprefix('warning: '))}", highlight=False)
+
+
 @cli.command()
-@click.argument("estimators", nargs=-1, required=True)
-@click.option("--model", "-m", "model_name", required=True, help="Model to measure on (see `epx list models`).")
-@click.option("--ref", "reference", default="bptt", show_default=True, help="Reference estimator.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Estimator option, for every selected estimator that has it (beta=0.01) or one (aep.clip=1).")
-@click.option("--model-set", "model_settings", multiple=True, metavar="KEY=VALUE",
-              help="Model option, e.g. s=0.5, T1=400, eps=0.1, project=true.")
-@click.option("--data", default="auto", show_default=True,
-              help="Dataset; 'auto' uses Fashion-MNIST if found, else the generated 'sample' set with a warning.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Where to look for data first (then $EPX_DATA_DIR, ~/.cache/epx, system locations).")
-@click.option("--no-download", is_flag=True, help="Never try to download data.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds initialisation, data and masks.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]))
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Timed runs per estimator (after one warm-up); the median is reported.")
+@comparison_options(repeats=3)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparison as JSON to this file (atomically).")
@@ -219,28 +244,9 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
     epx compare aep bptt --model cet
     epx compare ep aep adjoint --model cet --model-set s=0.5 --dtype float64 --set beta=0.001
     """
-    import torch
-
     from ep_core.session import parse_settings, run_comparison
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", f"{device!r} requested but CUDA is not available here")
-    reg = registry()
-    for name in estimators:
-        reg.get("estimator", name)
-    reg.get("model", model_name)
-    reg.get("estimator", reference)
-    if not [e for e in estimators if e != reference]:
-        raise ConfigError("estimators", f"name at least one estimator besides the reference {reference!r}")
-    if reg.failures:
-        err.print(f"[yellow]warning:[/] {len(reg.failures)} plugin(s) failed to load; see `epx plugins`")
-
-    warned: list[str] = []
-
-    def warn(message: str) -> None:
-        warned.append(message)
-        err.print(f"[yellow]warning:[/] {message.removeprefix('warning: ')}", highlight=False)
-
+    reg = check_names(estimators, model_name, reference, device)
     with err.status("starting") as status:
         def progress(label: str, done: int, total: int) -> None:
             status.update(f"[{done}/{total}] {label}")
@@ -254,13 +260,13 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
     text = json.dumps(result, indent=2, allow_nan=False)
     if out_file is not None:
         write_atomic(out_file, text + "\n")
-        err.print(f"wrote {out_file}")
+        err.print(f"wrote {escape(str(out_file))}", highlight=False)
     if as_json:
         click.echo(text)
     else:
         out.print(comparison_table(result))
         for note in comparison_notes(result):
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if min_cosine is not None:
         below = [r["label"] for r in result["results"][1:]
                  if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine]
@@ -270,3 +276,13 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
 
 def main() -> None:
     cli(prog_name="epx")
+
+
+def _add_commands() -> None:
+    # Imported here: these modules build on the helpers above.
+    from epx_cli.sweep import sweep
+
+    cli.add_command(sweep)
+
+
+_add_commands()

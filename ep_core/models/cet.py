@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ep_core.config import Config, option
+from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, Dynamics, State
 
 TOKEN_NORM_EPS = 1e-5
@@ -54,8 +54,6 @@ class CETConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ep_core.config import ConfigError
-
         if self.patch > self.image or (self.image - self.patch) % self.stride:
             raise ConfigError("stride", f"patches of {self.patch} with stride {self.stride} must tile an "
                                         f"image of {self.image} exactly")
@@ -110,7 +108,7 @@ class CET(nn.Module):
         cfg = self.config
         expected = (cfg.channels, cfg.image, cfg.image)
         if inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
-            raise ValueError(f"cet expects images of shape (B, {', '.join(map(str, expected))}), "
+            raise ConfigError("image", f"cet expects images of shape (B, {', '.join(map(str, expected))}), "
                              f"got {tuple(inputs.shape)}; change --model-set image/channels to match the data")
         batch = inputs.shape[0]
         masked = max(1, round(cfg.mask_ratio * self.tokens))

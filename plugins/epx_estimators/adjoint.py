@@ -11,7 +11,8 @@ Neumann iteration
     ĝ = ∂/∂θ [⟨a, G(x*; θ)⟩ + C(x*; θ)] = ε⟨Π'ᵀa, ∂F/∂θ⟩ + ∂C/∂θ.
 
 Exact when the free phase has converged to a stable fixed point (spectral radius of J_G below 1) and the
-adjoint iteration has converged; with Tadj = T1 and x* converged it equals bptt through the same relaxation.
+adjoint iteration has converged. bptt through T1 steps sums the same series truncated after T1 − 1 terms and
+evaluated along the trajectory instead of at x*, so the two agree when the free phase has converged early.
 Cost: one application of the vjp closure of G (built once at x*) per adjoint step; memory independent of T1
 and Tadj.
 """
@@ -26,8 +27,8 @@ import torch
 from ep_core import hookimpl
 from ep_core.config import Config, option
 from ep_core.krylov import gmres
-from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate
-from ep_core.relax import (add, cost_gradient, free_phase, inner, linearize, norm, parameter_gradient,
+from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, GradientEstimate
+from ep_core.relax import (add, cost_gradient, free_phase, inner, is_finite, linearize, norm, parameter_gradient,
                            relaxation_map, sub)
 
 
@@ -63,9 +64,14 @@ class Adjoint:
                 a, applications = gmres(lambda u: sub(u, J_G_transpose(u)), g, max_iter=budget, tol=cfg.tol)
             else:
                 a, applications = g, 0
-                for _ in range(budget):
+                for step in range(1, budget + 1):
                     a = add(J_G_transpose(a), g)
                     applications += 1
+                    if not is_finite(a):
+                        raise DivergenceError("adjoint", step, model.dynamics.eps,
+                                              "the Neumann series diverges when J_G has an eigenvalue outside the "
+                                              "unit circle; try --set solver=gmres, or check the free phase with "
+                                              "`epx analyze fixed-point`")
             adjoint_residual = float(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(torch.finfo(a[0].dtype).tiny))
         grads = parameter_gradient(model, lambda: inner(a, G(x_star)) + model.cost(x_star, batch))
         return GradientEstimate(

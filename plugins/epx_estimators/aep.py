@@ -10,14 +10,19 @@ Linearised around x*, the nudged dynamics become Jv − (Jv − Jᵀv) − σβg
 
     ĝ = ∂/∂θ [⟨a, F(x*; θ)⟩ + C(x*; θ)].
 
-Exact as β → 0 for any converged, stable fixed point, conservative or not. The free phase is ep's, unchanged.
+Exact as β → 0 for any converged, stable fixed point, conservative or not, without a projection (Π = identity;
+with one, use adjoint). The free phase is ep's, unchanged.
 
 Computation: Jᵀv is one application of the vjp closure built once at x*; Jv = F(x) − F(x*) + O(|v|²) comes free
 from the force the step has already computed (the O(|v|²) = O(β²) error is the same for ±β and cancels in the
 centered difference). When the model declares its non-conservative part N (F = −∇E + N), the symmetric −∇²E
 drops out of Jv − Jᵀv, so only N is linearised: the correction is −(J_N v − J_Nᵀv), with J_N v = N(x) − N(x*),
-which costs one N evaluation and one vjp through N instead of a vjp through all of F. Option ``clip`` = κ: when ||correction|| > κ·||F(x) − σβ∇ₓC(x)||, rescale the correction to
-that norm (the seeds use κ = 1), which guards the first steps of a strongly non-conservative model.
+which costs one N evaluation and one vjp through N instead of a vjp through all of F.
+
+Option ``clip`` = κ: when ||correction|| > κ·||F(x) − σβ∇ₓC(x)||, rescale the correction to that norm, a guard
+for the first steps of a strongly non-conservative model. At the corrected nudged fixed point the correction
+cancels the nudged force, ||correction|| = ||nudged force||, so a cap of κ < 1 would pull the estimate back to
+ep's and κ = 1 (the seeds' value) sits on that boundary: κ must be ≥ 1, and only κ > 1 leaves the limit exact.
 Cost: ep's, plus one vjp application per nudged step (≈ one force evaluation).
 """
 
@@ -39,15 +44,15 @@ class AEPConfig(Config):
     beta: float = option(0.02, "nudge strength β", gt=0)
     T2: int = option(20, "nudged-phase steps", ge=1)
     centered: bool = option(True, "nudge both ways (±β) instead of one way (+β)")
-    clip: float | None = option(None, "κ: cap ||correction|| at κ·||nudged force|| (none: no cap)", gt=0,
-                                optional=True)
+    clip: float | None = option(None, "κ: cap ||correction|| at κ·||nudged force|| (none: no cap); κ ≤ 1 "
+                                      "biases the estimate toward ep's", ge=1, optional=True)
 
 
 class AEP:
     name: ClassVar[str] = "aep"
     Config: ClassVar[type[Config]] = AEPConfig
     requires: ClassVar[type] = EquilibriumModel
-    exact_limit: ClassVar[str] = "any converged stable fixed point (conservative or not), β → 0"
+    exact_limit: ClassVar[str] = "any converged stable fixed point (conservative or not), no projection, β → 0"
     conformance_limit: ClassVar[str | None] = "any-stable"
     summary: ClassVar[str] = "asymmetric EP: nudged phases corrected by −(Jv − Jᵀv), exact without symmetry"
 
@@ -94,10 +99,12 @@ class AEP:
         a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered,
                      correction=correction)
         nudged_steps = cfg.T2 * (2 if cfg.centered else 1)
+        declared = callable(getattr(model, "nonconservative", None))
         return GradientEstimate(
             grads=force_pairing(model, batch, equilibrium.state, a.direction),
             stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
-                   "force_evals": equilibrium.force_evals + a.force_evals + 2, "vjp_evals": nudged_steps},
+                   "force_evals": equilibrium.force_evals + a.force_evals + 1 + (0 if declared else 1),
+                   "nonconservative_evals": nudged_steps + 1 if declared else 0, "vjp_evals": nudged_steps},
             fixed_point=equilibrium.state,
         )
 

@@ -8,7 +8,8 @@ free phase, to x^σ. Then
 
 Why: at a fixed point of F − βg, the nudged shift is δ = βJ⁻¹g (J = ∂F/∂x at x*), so a → −J⁻¹g, while the true
 gradient is dC/dθ = ⟨−J⁻ᵀg, ∂F/∂θ⟩. Exact as β → 0 (centered error O(β²), one-sided O(β)) when J is symmetric
-(F = −∇E, a conservative model) and x* is a converged, stable fixed point with T2 long enough to settle.
+(F = −∇E, a conservative model), there is no projection (Π = identity) and x* is a converged, stable fixed
+point with T2 long enough to settle.
 For non-conservative F, J⁻¹ ≠ J⁻ᵀ and the estimate is biased — which aep corrects.
 Cost: T1 + 2·T2 force evaluations (T1 + T2 one-sided), memory independent of T1 and T2.
 """
@@ -37,7 +38,7 @@ class EP:
     name: ClassVar[str] = "ep"
     Config: ClassVar[type[Config]] = EPConfig
     requires: ClassVar[type] = EquilibriumModel
-    exact_limit: ClassVar[str] = "conservative model (symmetric J), converged stable fixed point, β → 0"
+    exact_limit: ClassVar[str] = "conservative model (symmetric J), no projection, converged stable fixed point, β → 0"
     conformance_limit: ClassVar[str | None] = "conservative"
     summary: ClassVar[str] = "equilibrium propagation: contrast of ±β nudged phases"
 

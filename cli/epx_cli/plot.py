@@ -1,0 +1,114 @@
+"""Plots of sweeps. matplotlib is an optional extra (pip install 'epx[plot]'): only --plot needs it."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+from typing import Any
+
+from ep_core.config import ConfigError
+from ep_core.files import write_atomic
+
+INSTALL_HINT = "--plot needs matplotlib: pip install 'epx[plot]' (or pip install matplotlib)"
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("plot", INSTALL_HINT) from None
+
+
+def _as_numbers(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def plot_sweep(sweep: dict[str, Any], rows: list[dict[str, Any]], path: Path, *, group: str | None,
+               panel: str) -> None:
+    """Cosine to the reference against the first varied knob (one line per estimator and per combination of
+    the other knobs; error bars are the std over seeds), and below it ms per gradient or the free-phase residual."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = sweep["spec"]
+    x_axis, *other_axes = sweep["axes"]
+    numbers = _as_numbers(x_axis["values"])
+    positions = numbers if numbers is not None else list(range(len(x_axis["values"])))
+    log_x = numbers is not None and min(numbers) > 0 and max(numbers) / min(numbers) >= 20
+    labels = list(dict.fromkeys(label for row in rows for label in row["estimators"]))
+    compared = [label for label in labels if label != spec["reference"]]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+    styles = ["-", "--", ":", "-."]
+    combos = list(itertools.product(*(axis["values"] for axis in other_axes))) or [()]
+    for number, combo in enumerate(combos):
+        style = styles[number % len(styles)]
+        fixed = dict(zip((axis["key"] for axis in other_axes), combo))
+        suffix = "".join(f", {k}={v}" for k, v in fixed.items())
+        line_rows = [next((r for r in rows if r["values"][x_axis["key"]] == value
+                           and all(r["values"][k] == v for k, v in fixed.items())), None)
+                     for value in x_axis["values"]]
+
+        def series(pick):
+            xs, ys, errs = [], [], []
+            for x, row in zip(positions, line_rows):
+                stat = pick(row) if row is not None and row["seeds"] else None
+                if stat is not None:
+                    xs.append(x)
+                    ys.append(stat[0])
+                    errs.append(stat[1])
+            return xs, ys, errs
+
+        for label in compared:
+            xs, ys, errs = series(lambda r: r["estimators"][label]["group_cosine" if group else "cosine"])
+            top.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color=colour[label], linestyle=style,
+                         label=f"{label}{suffix}")
+        if panel == "ms":
+            for label in labels:
+                xs, ys, errs = series(lambda r: r["estimators"][label]["ms"])
+                bottom.errorbar(xs, ys, yerr=errs, marker="s", capsize=3, color=colour[label], linestyle=style,
+                                label=f"{label}{suffix}")
+        else:
+            xs, ys, errs = series(lambda r: r["residual"])
+            bottom.errorbar(xs, ys, yerr=errs, marker="s", capsize=3, color="black", linestyle=style,
+                            label=f"free phase{suffix}")
+        for x, row in zip(positions, line_rows):
+            if row is not None and not row["seeds"]:
+                top.axvline(x, color="red", linestyle=":", linewidth=1)
+                top.annotate(f"failed{suffix}", (x, 0.02), xycoords=("data", "axes fraction"), color="red",
+                             rotation=90, fontsize="small", ha="right", va="bottom")
+
+    top.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    top.set_ylabel(f"cosine to {spec['reference']} ({group or 'all parameters'})")
+    top.legend(fontsize="small")
+    top.grid(alpha=0.3)
+    fixed_settings = ", ".join(f"{k}={v}" for k, v in {**spec["model_settings"], **spec["settings"]}.items())
+    top.set_title(f"{spec['model']}{' (' + fixed_settings + ')' if fixed_settings else ''}: "
+                  f"{', '.join(compared)} vs {spec['reference']}", fontsize="medium")
+    if panel == "ms":
+        bottom.set_ylabel("ms per gradient (median)")
+    else:
+        bottom.set_ylabel("free-phase residual ||G(x*)−x*||/||x*||")
+        bottom.set_yscale("log")
+    bottom.legend(fontsize="small")
+    bottom.grid(alpha=0.3)
+    bottom.set_xlabel(x_axis["key"])
+    if log_x:
+        bottom.set_xscale("log")
+    if numbers is None:
+        bottom.set_xticks(positions, x_axis["values"])
+    else:
+        bottom.set_xticks(positions, x_axis["values"], minor=False)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())

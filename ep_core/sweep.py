@@ -1,0 +1,269 @@
+"""Sweeps: one comparison per point of a grid over model and estimator knobs, resumable from its output file.
+
+A sweep is the cartesian product of its axes (``--vary KEY=v1,v2,...``, in the order given) times its seeds. A key
+belongs to the model (``s``, ``T1``, ``eps``, ...) or to estimators (``beta``, ``T2``, ``clip``, ``Tadj``, ...);
+``model.T1`` or ``aep.beta`` name the owner explicitly. A bare key owned by the model and by an estimator is
+ambiguous and an error, as is a key nobody owns. Every value is validated before the first point runs.
+
+The output file holds the sweep's specification and one record per finished point. It is rewritten atomically
+after every point, so a sweep killed at any moment leaves a valid file; rerunning the same command with the
+same ``--out`` skips the points already there. A point whose relaxation diverges is recorded as failed, with
+its message, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ep_core.config import ConfigError, suggest
+from ep_core.files import write_atomic
+from ep_core.harness import Progress
+from ep_core.plugins import Registry
+from ep_core.protocols import EpxError
+from ep_core.session import load_images, needs_images, run_comparison
+
+FORMAT = "epx.sweep/1"
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One varied knob: the key as given, who owns it (``model`` or estimator labels) and its values."""
+
+    key: str
+    field: str
+    owners: tuple[str, ...]
+    values: tuple[str, ...]
+
+
+def parse_vary(spec: str) -> tuple[str, tuple[str, ...]]:
+    """'beta=0.01,0.02' -> ('beta', ('0.01', '0.02'))."""
+    key, sep, values = spec.partition("=")
+    key = key.strip()
+    items = tuple(v.strip() for v in values.split(","))
+    if not sep or not key or not all(items):
+        raise ConfigError("--vary", f"expected KEY=v1,v2,..., got {spec!r}")
+    if len(set(items)) != len(items):
+        raise ConfigError(key, f"repeated values in --vary {spec!r}")
+    return key, items
+
+
+def _fields(config_class: type) -> set[str]:
+    return {row["name"] for row in config_class.describe()}
+
+
+def resolve_axes(varies: Sequence[str], model_class: type, estimator_classes: Mapping[str, type]) -> list[Axis]:
+    """Find each varied key's owner and validate every value against the owner's config."""
+    model_fields = _fields(model_class.Config)
+    estimator_fields = {label: _fields(cls.Config) for label, cls in estimator_classes.items()}
+    axes: list[Axis] = []
+    for spec in varies:
+        key, values = parse_vary(spec)
+        target, dot, name = key.partition(".")
+        if dot:
+            if target == "model":
+                owners = ("model",) if name in model_fields else ()
+                known = model_fields
+            elif target in estimator_fields:
+                owners = (target,) if name in estimator_fields[target] else ()
+                known = estimator_fields[target]
+            else:
+                raise ConfigError(key, f"{target!r} is neither 'model' nor an estimator being run"
+                                       f"{suggest(target, ['model', *estimator_fields])}")
+            if not owners:
+                raise ConfigError(key, f"{target} has no option {name!r}{suggest(name, known)}; "
+                                       f"valid: {', '.join(sorted(known))}")
+        else:
+            name = key
+            owners = tuple(["model"] if name in model_fields else []) + tuple(
+                label for label, names in estimator_fields.items() if name in names)
+            if "model" in owners and len(owners) > 1:
+                raise ConfigError(key, f"ambiguous: both the model and {', '.join(owners[1:])} have {name!r}; "
+                                       f"write model.{name} or {owners[1]}.{name}")
+            if not owners:
+                every = model_fields.union(*estimator_fields.values())
+                raise ConfigError(key, f"neither the model nor any selected estimator has this option"
+                                       f"{suggest(name, every)}")
+        if any(axis.field == name and set(axis.owners) & set(owners) for axis in axes):
+            raise ConfigError(key, "varied twice")
+        for owner in owners:
+            config = model_class.Config if owner == "model" else estimator_classes[owner].Config
+            for value in values:
+                config.from_mapping({name: value})
+        axes.append(Axis(key=key, field=name, owners=owners, values=values))
+    return axes
+
+
+@dataclass(frozen=True)
+class Point:
+    values: dict[str, str]
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return json.dumps({"values": self.values, "seed": self.seed}, sort_keys=True)
+
+
+def grid(axes: Sequence[Axis], seeds: Sequence[int]) -> list[Point]:
+    """Every combination of axis values (first axis slowest), each for every seed."""
+    combos = itertools.product(*(axis.values for axis in axes)) if axes else [()]
+    return [Point(dict(zip((a.key for a in axes), combo)), seed) for combo in combos for seed in seeds]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything that determines a sweep's results; a resumed sweep must match it exactly."""
+
+    estimators: tuple[str, ...]
+    model: str
+    reference: str = "bptt"
+    settings: dict[str, str] = field(default_factory=dict)
+    model_settings: dict[str, str] = field(default_factory=dict)
+    vary: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    data: str = "auto"
+    batch_size: int = 32
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+class SweepMismatch(ConfigError):
+    def __init__(self, path: Path, differences: list[str]):
+        super().__init__("--out", f"{path} holds a different sweep ({'; '.join(differences)}); use another "
+                                  f"file, or delete it to start over")
+
+
+def _load(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--out", f"{path} is not a sweep file ({exc}); use another file") from None
+    if saved.get("format") != FORMAT:
+        raise ConfigError("--out", f"{path} is not an epx sweep file (format {saved.get('format')!r})")
+    mine, theirs = spec.to_json(), saved["spec"]
+    differences = [f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k]]
+    if differences:
+        raise SweepMismatch(path, differences)
+    return saved["records"]
+
+
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    axes: list[Axis]
+    records: list[dict[str, Any]]
+    resumed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "spec": self.spec.to_json(),
+                "axes": [{"key": a.key, "owners": list(a.owners), "values": list(a.values)} for a in self.axes],
+                "records": self.records}
+
+
+def _point_settings(spec: SweepSpec, axes: Sequence[Axis], point: Point) -> tuple[dict[str, str], dict[str, str]]:
+    model_settings = dict(spec.model_settings)
+    settings = dict(spec.settings)
+    for axis in axes:
+        value = point.values[axis.key]
+        for owner in axis.owners:
+            if owner == "model":
+                model_settings[axis.field] = value
+            else:
+                settings[f"{owner}.{axis.field}"] = value
+    return settings, model_settings
+
+
+def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, data_dir: str | None = None,
+              download: bool = True, warn: Callable[[str], None] | None = None,
+              on_point: Callable[[int, int, Point], None] | None = None,
+              progress: Progress | None = None) -> Sweep:
+    """Run every point of ``spec`` not already in ``out``; write ``out`` after each point."""
+    model_class = registry.get("model", spec.model).factory
+    labels = [e for e in dict.fromkeys(spec.estimators) if e != spec.reference]
+    if not labels:
+        raise ConfigError("estimators", f"name at least one estimator besides the reference {spec.reference!r}")
+    classes = {label: registry.get("estimator", label).factory for label in [spec.reference, *labels]}
+    axes = resolve_axes(spec.vary, model_class, classes)
+    points = grid(axes, spec.seeds)
+    done = {record["id"]: record for record in (_load(out, spec) if out else [])}
+    sweep = Sweep(spec, axes, [], resumed=sum(p.id in done for p in points))
+    dataset = None
+    if needs_images(model_class) and len(done) < len(points):
+        dataset = load_images(registry, spec.data, data_dir=data_dir, download=download, warn=warn)
+    for index, point in enumerate(points):
+        if on_point:
+            on_point(index, len(points), point)
+        if point.id in done:
+            sweep.records.append(done[point.id])
+            continue
+        settings, model_settings = _point_settings(spec, axes, point)
+        record: dict[str, Any] = {"id": point.id, "values": point.values, "seed": point.seed}
+        try:
+            comparison = run_comparison(
+                registry, [spec.reference, *labels], spec.model, reference=spec.reference, settings=settings,
+                model_settings=model_settings, data=spec.data, batch_size=spec.batch_size, seed=point.seed,
+                dtype=spec.dtype, device=spec.device, repeats=spec.repeats, dataset=dataset, progress=progress)
+            record |= {"status": "ok", "comparison": comparison.to_json()}
+        except ConfigError:
+            raise
+        except EpxError as exc:
+            record |= {"status": "failed", "error": str(exc)}
+        sweep.records.append(record)
+        if out:
+            pending_done = [done[p.id] for p in points[index + 1:] if p.id in done]
+            write_atomic(out, json.dumps({**sweep.to_json(), "records": sweep.records + pending_done},
+                                         indent=1, allow_nan=False) + "\n")
+    return sweep
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
+    if not values or any(v is None for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def summarize(sweep: Mapping[str, Any], *, group: str | None = None) -> list[dict[str, Any]]:
+    """One row per grid point (seeds pooled): mean and std of each estimator's cosine (overall and, with
+    ``group``, of that parameter group) and ms per gradient, the reference's free-phase residual, and the
+    largest distance between any two estimators' free equilibria. Works on the JSON form of a sweep."""
+    rows: dict[str, dict[str, Any]] = {}
+    for record in sweep["records"]:
+        key = json.dumps(record["values"], sort_keys=True)
+        row = rows.setdefault(key, {"values": record["values"], "runs": [], "errors": []})
+        if record["status"] == "ok":
+            row["runs"].append(record["comparison"])
+        else:
+            row["errors"].append(record["error"])
+    summary = []
+    for row in rows.values():
+        runs = row.pop("runs")
+        labels = [r["label"] for r in runs[0]["results"]] if runs else []
+        estimators = {}
+        for label in labels:
+            results = [next(r for r in run["results"] if r["label"] == label) for run in runs]
+            estimators[label] = {
+                "cosine": _mean_std([r["metrics"]["cosine"] for r in results]),
+                "group_cosine": _mean_std([r["metrics"]["groups"].get(group) for r in results]) if group else None,
+                "ms": _mean_std([r["ms_median"] for r in results]),
+            }
+        distances = [d for run in runs for r in run["results"] for d in r["fixed_point_distance"].values()]
+        summary.append({
+            **row,
+            "seeds": len(runs),
+            "reference": runs[0]["reference"] if runs else None,
+            "estimators": estimators,
+            "residual": _mean_std([run["results"][0]["residual"] for run in runs]),
+            "fixed_point_distance": max(distances) if distances else None,
+        })
+    return summary

@@ -1,0 +1,211 @@
+"""Sweeps: grid expansion, key ownership, failure records, resume after interruption, plots."""
+
+import builtins
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+from click.testing import CliRunner
+
+from ep_core.config import Config, ConfigError, option
+from ep_core.models.cet import CET
+from ep_core.plugins import load
+from ep_core.sweep import SweepMismatch, SweepSpec, grid, parse_vary, resolve_axes, run_sweep, summarize
+from epx_cli import main as cli_main
+from epx_estimators.aep import AEP
+from epx_estimators.ep import EP
+
+SMALL_CET = {"dim": "16", "heads": "2", "head_dim": "8", "memories": "16", "T1": "40"}
+
+
+def test_grid_is_the_product_in_the_given_order_times_seeds():
+    axes = resolve_axes(["s=0,1", "beta=0.1,0.2,0.3"], CET, {"ep": EP, "aep": AEP})
+    points = grid(axes, seeds=(4, 5))
+    assert len(points) == 2 * 3 * 2
+    assert [p.values for p in points[:4]] == [{"s": "0", "beta": "0.1"}] * 2 + [{"s": "0", "beta": "0.2"}] * 2
+    assert [p.seed for p in points[:4]] == [4, 5, 4, 5]
+    assert len({p.id for p in points}) == len(points)
+
+
+def test_keys_are_routed_to_their_owners():
+    estimators = {"ep": EP, "aep": AEP}
+    s, beta, scoped, clip, model_t1 = resolve_axes(
+        ["s=1", "beta=0.1", "aep.T2=5", "clip=1", "model.T1=10"], CET, estimators)
+    assert s.owners == ("model",)
+    assert beta.owners == ("ep", "aep")
+    assert scoped.owners == ("aep",) and scoped.field == "T2"
+    assert clip.owners == ("aep",)
+    assert model_t1.owners == ("model",) and model_t1.field == "T1"
+
+
+@dataclass(frozen=True)
+class StepConfig(Config):
+    eps: float = option(0.1, "a field that clashes with the model's step size", gt=0)
+
+
+class ClashingEstimator:
+    Config = StepConfig
+
+
+@pytest.mark.parametrize("vary, message", [
+    (["eps=0.1"], "ambiguous: both the model and clash have 'eps'"),
+    (["betta=0.1"], "did you mean 'beta'"),
+    (["beta=-1"], "beta: -1.0 is out of range"),
+    (["s=1,1"], "repeated values"),
+    (["s"], "expected KEY=v1,v2"),
+    (["foo.s=1"], "neither 'model' nor an estimator"),
+    (["s=1", "model.s=2"], "varied twice"),
+])
+def test_bad_keys_and_values_are_errors_before_anything_runs(vary, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_axes(vary, CET, {"ep": EP, "clash": ClashingEstimator})
+
+
+def test_scoped_key_disambiguates():
+    (axis,) = resolve_axes(["clash.eps=0.1,0.2"], CET, {"clash": ClashingEstimator})
+    assert axis.owners == ("clash",)
+    assert parse_vary("T1=1, 2") == ("T1", ("1", "2"))
+
+
+def _toy_spec(**changes):
+    base = dict(estimators=("ep", "aep"), model="toy", vary=("model.coupling=0.2,0.5", "beta=0.01,0.001"),
+                seeds=(0, 1), settings={"T2": "100"}, model_settings={"conservative": "false"})
+    return SweepSpec(**{**base, **changes})
+
+
+def _without_timings(record):
+    """What must be identical between runs: everything but wall-clock times and the environment."""
+    if record["status"] != "ok":
+        return record
+    comparison = {k: v for k, v in record["comparison"].items() if k not in ("environment",)}
+    comparison["results"] = [{k: v for k, v in r.items() if k not in ("ms", "ms_median")}
+                             for r in comparison["results"]]
+    return {**record, "comparison": comparison}
+
+
+def test_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    registry = load()
+    spec = _toy_spec()
+    whole = run_sweep(registry, spec, out=tmp_path / "whole.json")
+    assert len(whole.records) == 8 and all(r["status"] == "ok" for r in whole.records)
+
+    partial = tmp_path / "partial.json"
+
+    def interrupt_at_third(index, total, point):
+        if index == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(registry, spec, out=partial, on_point=interrupt_at_third)
+    assert len(json.loads(partial.read_text())["records"]) == 3
+
+    resumed = run_sweep(registry, spec, out=partial)
+    assert resumed.resumed == 3
+    saved = json.loads(partial.read_text())["records"]
+    assert [r["id"] for r in saved] == [r["id"] for r in whole.records]
+    assert [_without_timings(r) for r in saved] == [_without_timings(r) for r in whole.records]
+
+    with pytest.raises(SweepMismatch, match="seeds"):
+        run_sweep(registry, _toy_spec(seeds=(0,)), out=partial)
+
+
+def test_summary_pools_seeds_and_the_aep_gain_is_visible():
+    sweep = run_sweep(load(), _toy_spec(vary=("model.coupling=0.6",), settings={"T2": "100", "beta": "0.001"},
+                                        seeds=(0, 1, 2)))
+    (row,) = summarize(sweep.to_json(), group="coupling")
+    assert row["seeds"] == 3
+    aep_mean, aep_std = row["estimators"]["aep"]["group_cosine"]
+    ep_mean, _ = row["estimators"]["ep"]["group_cosine"]
+    assert aep_mean > 0.999 and aep_std < 1e-3 and ep_mean < aep_mean
+    assert row["fixed_point_distance"] == 0.0
+
+
+def test_a_diverging_point_is_recorded_and_the_sweep_goes_on():
+    spec = SweepSpec(estimators=("aep",), model="cet", vary=("eps=0.2,5",), data="sample", batch_size=4,
+                     model_settings=SMALL_CET)
+    sweep = run_sweep(load(), spec)
+    ok, failed = sweep.records
+    assert ok["status"] == "ok" and ok["comparison"]["results"][1]["metrics"]["cosine"] > 0.9
+    assert failed["status"] == "failed" and "diverged at step" in failed["error"] and "eps=5" in failed["error"]
+
+
+def _sweep_command(out, *extra):
+    args = ["sweep", "ep", "aep", "--model", "cet", "--data", "sample", "--batch-size", "4", "--vary",
+            "s=0,0.5,1,2,4,6", "--group", "attention", "--out", str(out)]
+    for key, value in SMALL_CET.items():
+        args += ["--model-set", f"{key}={value}"]
+    return args + list(extra)
+
+
+def test_sweep_killed_with_sigkill_resumes_with_every_point_once(tmp_path):
+    killed, whole = tmp_path / "killed.json", tmp_path / "whole.json"
+    command = [sys.executable, "-m", "epx_cli", *_sweep_command(killed, "--repeats", "3")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if killed.exists() and len(json.loads(killed.read_text())["records"]) >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = len(json.loads(killed.read_text())["records"])
+    assert 2 <= finished_before < 6, "the sweep should have been killed half way"
+
+    runner = CliRunner()
+    resumed = runner.invoke(cli_main.cli, _sweep_command(killed, "--repeats", "3"), catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert f"resumed: {finished_before} point(s)" in resumed.stderr
+    uninterrupted = runner.invoke(cli_main.cli, _sweep_command(whole, "--repeats", "3"), catch_exceptions=False)
+    assert uninterrupted.exit_code == 0
+    after = json.loads(killed.read_text())["records"]
+    reference = json.loads(whole.read_text())["records"]
+    assert sorted(r["id"] for r in after) == sorted({r["id"] for r in after})
+    assert [r["id"] for r in after] == [r["id"] for r in reference]
+    assert [_without_timings(r) for r in after] == [_without_timings(r) for r in reference]
+
+
+def test_cli_table_json_and_plot(tmp_path):
+    out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    runner = CliRunner()
+    result = runner.invoke(cli_main.cli, _sweep_command(out, "--plot", str(plot), "--json"),
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data == json.loads(out.read_text())
+    assert [r["values"]["s"] for r in data["records"]] == ["0", "0.5", "1", "2", "4", "6"]
+    png = plot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    table = runner.invoke(cli_main.cli, _sweep_command(out), catch_exceptions=False)
+    assert "aep cos attention" in table.stdout and "resumed: 6 point(s)" in table.stderr
+
+
+def test_plot_without_matplotlib_exits_2_with_the_install_hint(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    result = CliRunner().invoke(cli_main.cli, _sweep_command(tmp_path / "x.json", "--plot", str(tmp_path / "x.png")))
+    assert result.exit_code == 2
+    assert "pip install 'epx[plot]'" in result.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_unknown_group_and_mismatched_file_are_usage_errors(tmp_path):
+    runner = CliRunner()
+    bad_group = runner.invoke(cli_main.cli, ["sweep", "aep", "--model", "toy", "--vary", "beta=0.1",
+                                             "--group", "attention"])
+    assert bad_group.exit_code == 2 and "no parameter group 'attention'" in bad_group.stderr
+    out = tmp_path / "t.json"
+    first = runner.invoke(cli_main.cli, ["sweep", "aep", "--model", "toy", "--vary", "beta=0.1", "--out", str(out)])
+    assert first.exit_code == 0
+    other = runner.invoke(cli_main.cli, ["sweep", "aep", "--model", "toy", "--vary", "beta=0.2", "--out", str(out)])
+    assert other.exit_code == 2 and "holds a different sweep" in other.stderr

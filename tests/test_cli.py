@@ -4,9 +4,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from epx_cli import main as cli_main
 
 import ep_core.data
-from epx_cli import main as cli_main
 
 SMALL_CET = ["--model-set", "dim=16", "--model-set", "heads=2", "--model-set", "head_dim=8",
              "--model-set", "memories=16", "--model-set", "T1=60", "--batch-size", "4", "--repeats", "1"]

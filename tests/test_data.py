@@ -389,7 +389,7 @@ def test_download_gives_up_after_timeout(isolated, monkeypatch):
 
 
 def test_resolve_host_is_bounded_by_timeout(monkeypatch):
-    monkeypatch.setattr(data.urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(data.urllib.request, "getproxies", dict)
     monkeypatch.setattr(data.socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
     start = time.monotonic()
     with pytest.raises(TimeoutError):
@@ -427,7 +427,7 @@ def test_download_into_cache_then_found_there(isolated, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == list(data.FASHION_MNIST_FILES["test"])
     assert abs(ds.images.double().mean().item() - TEST_PIXEL_MEAN) < 1e-3
     # Next time the cache is a search root; nothing is downloaded.
-    monkeypatch.setattr(data, "_mirrors", lambda: [])
+    monkeypatch.setattr(data, "_mirrors", list)
     again = load_fashion_mnist("test", download=True)
     assert again.source == str(cache / "t10k-images-idx3-ubyte.gz")
 

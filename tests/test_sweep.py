@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import pytest
 from click.testing import CliRunner
+from epx_cli import main as cli_main
+from epx_estimators.aep import AEP
+from epx_estimators.ep import EP
 
 from ep_core.config import Config, ConfigError, option
 from ep_core.models.cet import CET
 from ep_core.plugins import load
 from ep_core.sweep import SweepMismatch, SweepSpec, grid, parse_vary, resolve_axes, run_sweep, summarize
-from epx_cli import main as cli_main
-from epx_estimators.aep import AEP
-from epx_estimators.ep import EP
 
 SMALL_CET = {"dim": "16", "heads": "2", "head_dim": "8", "memories": "16", "T1": "40"}
 

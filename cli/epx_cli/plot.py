@@ -27,6 +27,21 @@ def _as_numbers(values: list[str]) -> list[float] | None:
         return None
 
 
+def _series(positions: list[float], rows: list[dict[str, Any] | None], label: str | None,
+            metric: str) -> tuple[list[float], list[float], list[float]]:
+    """x, mean, std of one metric (an estimator's, or the row's own when ``label`` is None), skipping gaps."""
+    xs, means, stds = [], [], []
+    for x, row in zip(positions, rows):
+        if row is None or not row["seeds"]:
+            continue
+        stat = row[metric] if label is None else row["estimators"][label][metric]
+        if stat is not None:
+            xs.append(x)
+            means.append(stat[0])
+            stds.append(stat[1])
+    return xs, means, stds
+
+
 def plot_sweep(sweep: dict[str, Any], rows: list[dict[str, Any]], path: Path, *, group: str | None,
                panel: str) -> None:
     """Cosine to the reference against the first varied knob (one line per estimator and per combination of
@@ -57,27 +72,17 @@ def plot_sweep(sweep: dict[str, Any], rows: list[dict[str, Any]], path: Path, *,
                            and all(r["values"][k] == v for k, v in fixed.items())), None)
                      for value in x_axis["values"]]
 
-        def series(pick):
-            xs, ys, errs = [], [], []
-            for x, row in zip(positions, line_rows):
-                stat = pick(row) if row is not None and row["seeds"] else None
-                if stat is not None:
-                    xs.append(x)
-                    ys.append(stat[0])
-                    errs.append(stat[1])
-            return xs, ys, errs
-
         for label in compared:
-            xs, ys, errs = series(lambda r: r["estimators"][label]["group_cosine" if group else "cosine"])
+            xs, ys, errs = _series(positions, line_rows, label, "group_cosine" if group else "cosine")
             top.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color=colour[label], linestyle=style,
                          label=f"{label}{suffix}")
         if panel == "ms":
             for label in labels:
-                xs, ys, errs = series(lambda r: r["estimators"][label]["ms"])
+                xs, ys, errs = _series(positions, line_rows, label, "ms")
                 bottom.errorbar(xs, ys, yerr=errs, marker="s", capsize=3, color=colour[label], linestyle=style,
                                 label=f"{label}{suffix}")
         else:
-            xs, ys, errs = series(lambda r: r["residual"])
+            xs, ys, errs = _series(positions, line_rows, None, "residual")
             bottom.errorbar(xs, ys, yerr=errs, marker="s", capsize=3, color="black", linestyle=style,
                             label=f"free phase{suffix}")
         for x, row in zip(positions, line_rows):

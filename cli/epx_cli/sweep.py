@@ -14,8 +14,7 @@ from rich.text import Text
 
 from ep_core.config import ConfigError
 from ep_core.protocols import parameter_groups
-from epx_cli.main import (EXIT_RUNTIME, check_names, comparison_options, err, fail, handle_errors, out,
-                          registry, warn)
+from epx_cli.main import EXIT_RUNTIME, check_names, comparison_options, err, fail, handle_errors, out, warn
 from epx_cli.render import fmt_cosine, fmt_number
 
 

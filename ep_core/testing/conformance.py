@@ -23,7 +23,8 @@ The limit is read from a class attribute ``conformance_limit: ClassVar[str | Non
 - ``"any-stable"`` — exact at any converged stable fixed point, conservative or not;
 - ``None`` — no exact limit the kit can sample (rule 5 is skipped).
 
-Every estimator declares it (the built-ins do; a class without it is treated as ``None``). Each rule is also a function (``check_gradients`` ...) that takes any model and batch.
+Every estimator declares it (the built-ins do; a class without it is treated as ``None``). Each rule is also a
+function (``check_gradients`` ...) that takes any model and batch.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ class Adjoint:
                                               "the Neumann series diverges when J_G has an eigenvalue outside the "
                                               "unit circle; try --set solver=gmres, or check the free phase with "
                                               "`epx analyze fixed-point`")
-            adjoint_residual = float(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(torch.finfo(a[0].dtype).tiny))
+            tiny = torch.finfo(a[0].dtype).tiny
+            adjoint_residual = float(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(tiny))
         grads = parameter_gradient(model, lambda: inner(a, G(x_star)) + model.cost(x_star, batch))
         return GradientEstimate(
             grads=grads,

@@ -46,8 +46,8 @@ class EquilibriumModel(Protocol):
     """A dynamical system x' = F(x; θ, u) whose stationary state is the model's output.
 
     The relaxation map is G(x) = Π(x + ε F(x)); the free phase iterates G for T1 steps from ``init_state``.
-    Optional methods: ``nonconservative(state, batch)`` (the part of F that is not a gradient) and
-    ``parameter_groups()`` (named groups of parameter names, for reports).
+    Optional: ``nonconservative(state, batch)`` (the part of F that is not a gradient), ``parameter_groups()``
+    (named groups of parameter names, for reports) and ``state_names`` (a name per state tensor, for reports).
 
     Data: a model with ``data = "images"`` provides ``prepare_batch(images, labels, *, generator) -> Batch``
     (e.g. masking); one with ``data = "synthetic"`` makes its own, ``make_batch(size, *, generator) -> Batch``.

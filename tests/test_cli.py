@@ -141,7 +141,16 @@ def test_cli_reference_documents_every_option():
     from pathlib import Path
 
     reference = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
-    commands = [cli_main.cli, *cli_main.cli.commands.values()]
+    import click
+
+    def walk(command):
+        yield command
+        if isinstance(command, click.Group):
+            for sub in command.commands.values():
+                yield from walk(sub)
+
+    commands = list(walk(cli_main.cli))
+    assert {"sweep", "antisymmetry", "fixed-point"} <= {c.name for c in commands}
     for command in commands:
         for param in command.params:
             for flag in param.opts:

@@ -170,16 +170,19 @@ def plugins(as_json: bool) -> None:
     out.print(table)
 
 
-def comparison_options(*, repeats: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The options that say what to compare on, shared by `compare` and `sweep`."""
-    options = [
-        click.argument("estimators", nargs=-1, required=True),
+def apply_options(options: list[Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def model_data_options() -> list[Callable[..., Any]]:
+    """The options that say which model, on which data, seed, device and dtype (compare, sweep, analyze)."""
+    return [
         click.option("--model", "-m", "model_name", required=True,
                      help="Model to measure on (see `epx list models`)."),
-        click.option("--ref", "reference", default="bptt", show_default=True, help="Reference estimator."),
-        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-                     help="Estimator option, for every selected estimator that has it (beta=0.01) or one "
-                          "(aep.clip=1)."),
         click.option("--model-set", "model_settings", multiple=True, metavar="KEY=VALUE",
                      help="Model option, e.g. s=0.5, T1=400, eps=0.1, project=true."),
         click.option("--data", default="auto", show_default=True,
@@ -193,23 +196,33 @@ def comparison_options(*, repeats: int) -> Callable[[Callable[..., Any]], Callab
                      help="Seeds initialisation, data and masks."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"])),
-        click.option("--repeats", default=repeats, show_default=True, type=click.IntRange(min=1),
-                     help="Timed runs per estimator (after one warm-up); the median is reported."),
     ]
 
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return decorate
+
+def comparison_options(*, repeats: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options that say what to compare on, shared by `compare` and `sweep`."""
+    return apply_options([
+        click.argument("estimators", nargs=-1, required=True),
+        click.option("--ref", "reference", default="bptt", show_default=True, help="Reference estimator."),
+        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Estimator option, for every selected estimator that has it (beta=0.01) or one "
+                          "(aep.clip=1)."),
+        *model_data_options(),
+        click.option("--repeats", default=repeats, show_default=True, type=click.IntRange(min=1),
+                     help="Timed runs per estimator (after one warm-up); the median is reported."),
+    ])
 
 
-def check_names(estimators: tuple[str, ...], model_name: str, reference: str, device: str) -> Registry:
-    """Fail fast, before any data is loaded, on unknown names or an unusable device."""
+def check_device(device: str) -> None:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", f"{device!r} requested but CUDA is not available here")
+
+
+def check_names(estimators: tuple[str, ...], model_name: str, reference: str, device: str) -> Registry:
+    """Fail fast, before any data is loaded, on unknown names or an unusable device."""
+    check_device(device)
     reg = registry()
     for name in estimators:
         reg.get("estimator", name)
@@ -280,9 +293,11 @@ def main() -> None:
 
 def _add_commands() -> None:
     # Imported here: these modules build on the helpers above.
+    from epx_cli.analyze import analyze
     from epx_cli.sweep import sweep
 
     cli.add_command(sweep)
+    cli.add_command(analyze)
 
 
 _add_commands()

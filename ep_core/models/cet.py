@@ -69,6 +69,7 @@ class CET(nn.Module):
     summary: ClassVar[str] = "energy transformer for masked patch reconstruction; attention scale s"
     Config: ClassVar[type[Config]] = CETConfig
     data: ClassVar[str] = "images"
+    state_names: ClassVar[tuple[str, ...]] = ("z", "y")
 
     def __init__(self, config: CETConfig | None = None, *, generator: torch.Generator):
         super().__init__()

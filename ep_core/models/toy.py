@@ -45,6 +45,7 @@ class Toy(nn.Module):
     summary: ClassVar[str] = "tiny Hopfield network, conservative=True|False, for property tests"
     Config: ClassVar[type[Config]] = ToyConfig
     data: ClassVar[str] = "synthetic"
+    state_names: ClassVar[tuple[str, ...]] = ("x",)
 
     def __init__(self, config: ToyConfig | None = None, *, generator: torch.Generator):
         super().__init__()

@@ -1,0 +1,245 @@
+"""`epx analyze`: diagnostics of a model's free dynamics (the science is in :mod:`ep_core.analysis`).
+
+    epx analyze antisymmetry --model cet --vary-s 0,0.5,1,2      ||A_J v|| / ||J v|| at the free end point
+    epx analyze fixed-point --model cet --model-set project=true  converged, contracting, or unstable?
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from ep_core.config import ConfigError
+from ep_core.files import write_atomic
+from ep_core.protocols import EquilibriumModel
+from epx_cli.main import apply_options, check_device, err, handle_errors, model_data_options, out, registry, warn
+from epx_cli.render import fmt_number
+
+if TYPE_CHECKING:
+    import torch
+
+    from ep_core.session import Data
+
+ANTISYMMETRY_FORMAT = "epx.analysis.antisymmetry/1"
+FIXED_POINT_FORMAT = "epx.analysis.fixed-point/1"
+
+model_options = apply_options([
+    *model_data_options(),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+    click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Also write the result as JSON to this file (atomically)."),
+])
+
+
+class Setup:
+    """What both subcommands share: the model's registry entry, the user's settings, the images."""
+
+    def __init__(self, model_name: str, model_settings: tuple[str, ...], data: str, data_dir: str | None,
+                 no_download: bool, batch_size: int, seed: int, device: str, dtype: str):
+        from ep_core.session import parse_settings
+
+        check_device(device)
+        self.registry = registry()
+        self.model_name = model_name
+        self.model_class = self.registry.get("model", model_name).factory
+        self.settings = parse_settings(model_settings, "--model-set")
+        self.config = self.model_class.Config.from_mapping(self.settings)
+        self.data, self.data_dir, self.download = data, data_dir, not no_download
+        self.batch_size, self.seed, self.device, self.dtype = batch_size, seed, device, dtype
+        self.images: Any = None
+
+    def build(self, overrides: dict[str, str] | None = None) -> tuple[Any, Data]:
+        """(model, prepared batch) with ``overrides`` on top of the user's settings."""
+        from ep_core.session import DTYPES, build_batch, build_model, load_images, needs_images
+
+        if self.images is None and needs_images(self.model_class):
+            self.images = load_images(self.registry, self.data, data_dir=self.data_dir,
+                                      download=self.download, warn=warn)
+        model = build_model(self.registry, self.model_name, {**self.settings, **(overrides or {})},
+                            seed=self.seed, dtype=DTYPES[self.dtype], device=self.device)
+        if not isinstance(model, EquilibriumModel):
+            raise ConfigError("model", f"{self.model_name} is not an EquilibriumModel (no force to relax); "
+                                       "analyze needs one, e.g. cet or toy")
+        return model, build_batch(model, self.images, batch_size=self.batch_size, seed=self.seed,
+                                  requested=self.data)
+
+    def generator(self) -> torch.Generator:
+        from ep_core.seeding import PROBE_STREAM, generator
+
+        # A CPU generator: the same probe vectors on every device.
+        return generator(self.seed, PROBE_STREAM)
+
+    def meta(self, format: str, data: dict[str, Any]) -> dict[str, Any]:
+        from ep_core.harness import environment
+
+        return {"format": format, "model": {"name": self.model_name, "config": self.config.to_dict()},
+                "data": data, "seed": self.seed, "dtype": self.dtype, "device": self.device,
+                "environment": environment()}
+
+
+def heading(analysis: str, result: dict[str, Any], varied: str | None = None) -> str:
+    config = result["model"]["config"]
+    knobs = ", ".join(f"{k}={config[k]}" for k in ("s", "T1", "eps", "project", "conservative")
+                      if k in config and k != varied)
+    source = result["data"]
+    return (f"{analysis} on {result['model']['name']} ({knobs}) · data: {source['name']} "
+            f"({source.get('batch_size')} samples) · {result['dtype']} {result['device']} · "
+            f"seed {result['seed']}")
+
+
+def emit(result: dict[str, Any], title: str, table: Table, notes: list[str], as_json: bool,
+         out_file: Path | None) -> None:
+    text = json.dumps(result, indent=2, allow_nan=False)
+    if out_file is not None:
+        write_atomic(out_file, text + "\n")
+        err.print(f"wrote {escape(str(out_file))}", highlight=False)
+    if as_json:
+        click.echo(text)
+        return
+    # A line of its own rather than the table's title: rich wraps a title to the table's width, and these
+    # tables are narrow.
+    out.print(Text(title, style="italic"), soft_wrap=True)
+    out.print(table)
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def parse_values(text: str, option: str) -> list[str]:
+    values = [v.strip() for v in text.split(",")]
+    if not all(values):
+        raise ConfigError(option, f"expected comma-separated values such as 0,0.5,1,2, got {text!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(option, f"repeated values in {text!r}")
+    return values
+
+
+def fmt_ratio(summary: dict[str, Any]) -> str:
+    if summary["mean"] is None:
+        return "n/a"
+    return f"{summary['mean']:.3g} ± {summary['std']:.2g}"
+
+
+def fmt_residual(value: float, tol: float) -> Text:
+    return Text(f"{value:.1e}", style="" if value <= tol else "red")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def analyze() -> None:
+    """Diagnose a model's free dynamics: non-conservativeness and fixed-point stability."""
+
+
+@analyze.command()
+@model_options
+@click.option("--samples", default=8, show_default=True, type=click.IntRange(min=2),
+              help="Random directions v; the table shows mean ± std over them.")
+@click.option("--vary-s", "vary_s", default=None, metavar="S1,S2,...",
+              help="One row per value of the model's non-conservative scale s, e.g. 0,0.5,1,2.")
+@handle_errors
+def antisymmetry(model_name: str, model_settings: tuple[str, ...], data: str, data_dir: str | None,
+                 no_download: bool, batch_size: int, seed: int, device: str, dtype: str, as_json: bool,
+                 out_file: Path | None, samples: int, vary_s: str | None) -> None:
+    """||A_J v|| / ||J v|| at the free end point, A_J the antisymmetric part of the force Jacobian J.
+
+    Per part of the state and for the whole state, mean ± std over random v. 0 means the force is a gradient
+    field there (EP is exact); it grows with the non-conservative part.
+
+    \b
+    epx analyze antisymmetry --model cet --vary-s 0,0.25,0.5,1,2,4
+    """
+    from ep_core.analysis import antisymmetry as measure
+    from ep_core.harness import CONVERGED_TOL
+
+    setup = Setup(model_name, model_settings, data, data_dir, no_download, batch_size, seed, device, dtype)
+    rows: list[dict[str, str]] = [{}]
+    if vary_s is not None:
+        if "s" not in {row["name"] for row in setup.model_class.Config.describe()}:
+            raise ConfigError("--vary-s", f"{model_name} has no option s; use a model with a "
+                                          "non-conservative scale, such as cet")
+        if "s" in setup.settings:
+            raise ConfigError("--vary-s", "s is also given with --model-set; give it in one place")
+        rows = [{"s": value} for value in parse_values(vary_s, "--vary-s")]
+    results, description = [], {}
+    with err.status("starting") as status:
+        for done, overrides in enumerate(rows):
+            status.update(f"[{done}/{len(rows)}] {', '.join(f'{k}={v}' for k, v in overrides.items())}")
+            model, prepared = setup.build(overrides)
+            description = prepared.description
+            settings = {key: getattr(model.config, key) for key in overrides}
+            results.append({"settings": settings, **measure(model, prepared.batch, samples=samples,
+                                                            generator=setup.generator())})
+    result = {**setup.meta(ANTISYMMETRY_FORMAT, description), "samples": samples,
+              "converged_tol": CONVERGED_TOL, "vary": None if vary_s is None else "s", "results": results}
+
+    table = Table(header_style="bold")
+    if vary_s is not None:
+        table.add_column("s", justify="right")
+    parts = list(results[0]["parts"])
+    for part in [*parts, "whole state"]:
+        table.add_column(part, justify="right")
+    table.add_column("residual", justify="right")
+    notes = []
+    for row in results:
+        table.add_row(*([str(row["settings"]["s"])] if vary_s is not None else []),
+                      *(fmt_ratio(row["parts"][p]) for p in parts), fmt_ratio(row["whole"]),
+                      fmt_residual(row["residual"], CONVERGED_TOL))
+        if not row["converged"]:
+            where = f"s={row['settings']['s']}: " if vary_s is not None else ""
+            notes.append(f"{where}the free phase did not converge (residual {row['residual']:.1e} > "
+                         f"{CONVERGED_TOL:g}): J is taken where T1 steps end, not at a fixed point; see "
+                         "`epx analyze fixed-point`")
+    title = heading(f"antisymmetry ||A_J v|| / ||J v||, mean ± std over {samples} v", result, result["vary"])
+    emit(result, title, table, notes, as_json, out_file)
+
+
+@analyze.command("fixed-point")
+@model_options
+@click.option("--iterations", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Arnoldi steps (vjp applications) for the spectral radius of J_G.")
+@handle_errors
+def fixed_point(model_name: str, model_settings: tuple[str, ...], data: str, data_dir: str | None,
+                no_download: bool, batch_size: int, seed: int, device: str, dtype: str, as_json: bool,
+                out_file: Path | None, iterations: int) -> None:
+    """Did the free phase converge, is it still contracting, or is there no stable fixed point nearby?
+
+    Runs T1 free steps and T1 more on the same trajectory, and reports the residual at T1 and 2·T1 and the
+    spectral radius ρ of J_G = ∂G/∂x where it ends (Arnoldi through the vjp of G): ρ ≥ 1 means the dynamics
+    expand there.
+
+    \b
+    epx analyze fixed-point --model cet --model-set project=true --model-set s=2 --model-set T1=400
+    """
+    from ep_core.analysis import CONVERGED, diagnose_fixed_point
+
+    setup = Setup(model_name, model_settings, data, data_dir, no_download, batch_size, seed, device, dtype)
+    with err.status("relaxing"):
+        model, prepared = setup.build()
+        diagnosis = diagnose_fixed_point(model, prepared.batch, iterations=iterations,
+                                         generator=setup.generator())
+    result = {**setup.meta(FIXED_POINT_FORMAT, prepared.description), "iterations": iterations,
+              "diagnosis": diagnosis}
+
+    T, tol = diagnosis["T1"], diagnosis["converged_tol"]
+    spectral = diagnosis["spectral"]
+    rho, ritz = spectral["rho"], spectral["ritz"]
+    sign = "-" if ritz["imag"] < 0 else "+"
+    table = Table(header_style="bold")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row(f"residual at T1={T}", fmt_residual(diagnosis["residual_T"], tol))
+    table.add_row(f"residual at 2·T1={2 * T}", fmt_residual(diagnosis["residual_2T"], tol))
+    table.add_row("residual factor per step", fmt_number(diagnosis["rate"], ".4f"))
+    table.add_row("residual of G∘G", f"{diagnosis['residual_G2']:.1e}")
+    table.add_row(f"ρ(J_G) at step {2 * T}", Text(f"{rho:.4f}", style="red" if rho >= 1 else "green"))
+    table.add_row("largest Ritz value", f"{ritz['real']:.4f} {sign} {abs(ritz['imag']):.4f}i")
+    table.add_row("Ritz residual", f"{spectral['ritz_residual']:.1e}")
+    table.add_row("power-iteration estimate", f"{spectral['power']:.4f}")
+    table.add_row("vjp applications", str(spectral["applications"]))
+    verdict = diagnosis["verdict"]
+    table.add_row("verdict", Text(verdict, style="bold green" if verdict == CONVERGED else "bold red"))
+    emit(result, heading("fixed-point diagnosis", result), table, [diagnosis["advice"]], as_json, out_file)

@@ -6,19 +6,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from ep_core.config import ConfigError
-from ep_core.files import write_atomic
 from ep_core.protocols import EquilibriumModel
-from epx_cli.main import apply_options, check_device, err, handle_errors, model_data_options, out, registry, warn
+from epx_cli.main import apply_options, check_device, emit, err, handle_errors, model_data_options, registry, warn
 from epx_cli.render import fmt_number
 
 if TYPE_CHECKING:
@@ -93,21 +90,11 @@ def heading(analysis: str, result: dict[str, Any], varied: str | None = None) ->
             f"seed {result['seed']}")
 
 
-def emit(result: dict[str, Any], title: str, table: Table, notes: list[str], as_json: bool,
+def show(result: dict[str, Any], title: str, table: Table, notes: list[str], as_json: bool,
          out_file: Path | None) -> None:
-    text = json.dumps(result, indent=2, allow_nan=False)
-    if out_file is not None:
-        write_atomic(out_file, text + "\n")
-        err.print(f"wrote {escape(str(out_file))}", highlight=False)
-    if as_json:
-        click.echo(text)
-        return
-    # A line of its own rather than the table's title: rich wraps a title to the table's width, and these
-    # tables are narrow.
-    out.print(Text(title, style="italic"), soft_wrap=True)
-    out.print(table)
-    for note in notes:
-        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    # The title is a line of its own rather than the table's title: rich wraps a title to the table's width, and
+    # these tables are narrow.
+    emit(result, [Text(title, style="italic"), table], notes, as_json=as_json, out_file=out_file)
 
 
 def parse_values(text: str, option: str) -> list[str]:
@@ -194,7 +181,7 @@ def antisymmetry(model_name: str, model_settings: tuple[str, ...], data: str, da
                          f"{CONVERGED_TOL:g}): J is taken where T1 steps end, not at a fixed point; see "
                          "`epx analyze fixed-point`")
     title = heading(f"antisymmetry ||A_J v|| / ||J v||, mean ± std over {samples} v", result, result["vary"])
-    emit(result, title, table, notes, as_json, out_file)
+    show(result, title, table, notes, as_json, out_file)
 
 
 @analyze.command("fixed-point")
@@ -242,4 +229,4 @@ def fixed_point(model_name: str, model_settings: tuple[str, ...], data: str, dat
     table.add_row("vjp applications", str(spectral["applications"]))
     verdict = diagnosis["verdict"]
     table.add_row("verdict", Text(verdict, style="bold green" if verdict == CONVERGED else "bold red"))
-    emit(result, heading("fixed-point diagnosis", result), table, [diagnosis["advice"]], as_json, out_file)
+    show(result, heading("fixed-point diagnosis", result), table, [diagnosis["advice"]], as_json, out_file)

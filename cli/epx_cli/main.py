@@ -235,6 +235,22 @@ def check_names(estimators: tuple[str, ...], model_name: str, reference: str, de
     return reg
 
 
+def emit(result: dict[str, Any], renderables: list[Any], notes: list[str], *, as_json: bool,
+         out_file: Path | None) -> None:
+    """A result to --out (atomically) and to stdout: JSON with --json, else the renderables; notes to stderr."""
+    text = json.dumps(result, indent=2, allow_nan=False)
+    if out_file is not None:
+        write_atomic(out_file, text + "\n")
+        err.print(f"wrote {escape(str(out_file))}", highlight=False)
+    if as_json:
+        click.echo(text)
+        return
+    for renderable in renderables:
+        out.print(renderable)
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message.removeprefix('warning: '))}", highlight=False)
 
@@ -270,16 +286,7 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
             data=data, data_dir=data_dir, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
             repeats=repeats, download=not no_download, warn=warn, progress=progress)
     result = comparison.to_json()
-    text = json.dumps(result, indent=2, allow_nan=False)
-    if out_file is not None:
-        write_atomic(out_file, text + "\n")
-        err.print(f"wrote {escape(str(out_file))}", highlight=False)
-    if as_json:
-        click.echo(text)
-    else:
-        out.print(comparison_table(result))
-        for note in comparison_notes(result):
-            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    emit(result, [comparison_table(result)], comparison_notes(result), as_json=as_json, out_file=out_file)
     if min_cosine is not None:
         below = [r["label"] for r in result["results"][1:]
                  if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine]

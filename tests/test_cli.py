@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from epx_cli import main as cli_main
 
@@ -156,3 +157,34 @@ def test_cli_reference_documents_every_option():
             for flag in param.opts:
                 if flag.startswith("--"):
                     assert f"`{flag}" in reference, f"docs/cli.md does not document {command.name} {flag}"
+
+
+def test_check_passes_builtins_and_fails_a_broken_estimator(epx, monkeypatch):
+    ok = epx("check", "adjoint", "--examples", "3")
+    assert ok.exit_code == 0, ok.stderr
+    assert "meets the epx contract on 3 random toy problems" in ok.stdout
+    assert "exact in its declared limit (any-stable)" in ok.stdout
+
+    from ep_core.bptt import BPTT
+    from ep_core.plugins import hookimpl, load
+
+    class Sloppy(BPTT):
+        """bptt that also scribbles on param.grad: a contract violation."""
+
+        name = "sloppy"
+
+        def estimate(self, model, batch, *, generator):
+            result = super().estimate(model, batch, generator=generator)
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            return result
+
+    class Plugin:
+        @hookimpl
+        def register_estimators(self, register):
+            register("sloppy", Sloppy)
+
+    monkeypatch.setattr(cli_main, "registry", lambda: load(plugins=[("sloppy", Plugin())], entry_points=False))
+    broken = epx("check", "sloppy", "--examples", "2")
+    assert broken.exit_code == 3
+    assert "grad" in broken.stderr

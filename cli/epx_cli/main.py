@@ -298,6 +298,36 @@ def main() -> None:
     cli(prog_name="epx")
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Check the estimator with this option.")
+@click.option("--examples", default=25, show_default=True, type=click.IntRange(min=1),
+              help="Random toy problems to check on.")
+@handle_errors
+def check(name: str, settings: tuple[str, ...], examples: int) -> None:
+    """Run the conformance suite (ep_core.testing.check_estimator) on estimator NAME, without pytest.
+
+    Exit 0 when it meets the contract, 3 when it does not (the violated rule is printed).
+    """
+    from ep_core.session import build_estimator, parse_settings
+    from ep_core.testing import LIMIT_SETTINGS, check_estimator, conformance_limit
+
+    estimator = build_estimator(registry(), name, parse_settings(settings, "--set"))
+    limit = conformance_limit(estimator)
+    with err.status(f"checking {name} on {examples} random toy problems"):
+        try:
+            check_estimator(estimator, examples=examples)
+        except AssertionError as exc:
+            fail(str(exc).splitlines()[0], EXIT_THRESHOLD)
+    moved = {k: v for k, v in LIMIT_SETTINGS.items() if k in estimator.config.to_dict()}
+    exactness = (f"exact in its declared limit ({limit}"
+                 + (f"; checked with {', '.join(f'{k}={v}' for k, v in moved.items())})" if moved else ")")
+                 if limit else "no exact limit declared")
+    out.print(f"{name}: meets the epx contract on {examples} random toy problems — finite gradients for every "
+              f"parameter, model and param.grad untouched, deterministic, {exactness}", highlight=False,
+              soft_wrap=True)
+
+
 def _add_commands() -> None:
     # Imported here: these modules build on the helpers above.
     from epx_cli.analyze import analyze

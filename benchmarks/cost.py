@@ -17,7 +17,7 @@ import torch
 
 from ep_core.harness import measure
 from ep_core.plugins import load
-from ep_core.session import build_batch, build_estimator, build_model, load_images, parse_settings
+from ep_core.session import build_batch, build_estimator, build_model, load_data, parse_settings
 
 ESTIMATORS = ("bptt", "ep", "aep", "adjoint")
 AEP_OVER_EP_LIMIT = 1.5
@@ -36,7 +36,7 @@ def main() -> int:
 
     registry = load()
     model = build_model(registry, "cet", parse_settings(args.model_set, "--model-set"), device=args.device)
-    images = load_images(registry, args.data, warn=lambda m: print(m, file=sys.stderr))
+    images = load_data(registry, args.data, kind="images", warn=lambda m: print(m, file=sys.stderr))
     batch = build_batch(model, images).batch
     estimators = {name: build_estimator(registry, name) for name in ESTIMATORS}
     times: dict[str, list[float]] = {name: [] for name in ESTIMATORS}

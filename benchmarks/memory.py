@@ -17,7 +17,7 @@ import torch
 
 from ep_core.harness import measure
 from ep_core.plugins import load
-from ep_core.session import build_batch, build_estimator, build_model, load_images
+from ep_core.session import build_batch, build_estimator, build_model, load_data
 
 CONSTANT_MEMORY = ("ep", "aep", "adjoint")
 ESTIMATORS = (*CONSTANT_MEMORY, "bptt")
@@ -41,7 +41,7 @@ def main() -> int:
     registry = load()
     peaks: dict[str, dict[int, int]] = {name: {} for name in ESTIMATORS}
     ms: dict[str, dict[int, float]] = {name: {} for name in ESTIMATORS}
-    images = load_images(registry, args.data, warn=lambda m: print(m, file=sys.stderr))
+    images = load_data(registry, args.data, kind="images", warn=lambda m: print(m, file=sys.stderr))
     for steps in (args.short, args.long):
         model = build_model(registry, "cet", {"T1": steps}, device=args.device)
         batch = build_batch(model, images).batch

@@ -70,10 +70,9 @@ from typing import Any
 import torch
 
 from ep_core.config import ConfigError
-from ep_core.harness import CONVERGED_TOL
 from ep_core.krylov import arnoldi_step
 from ep_core.protocols import Batch, State
-from ep_core.relax import free_phase, linearize, norm, relax, relaxation_map, residual, scale, sub
+from ep_core.relax import CONVERGED_TOL, free_phase, linearize, norm, relax, relaxation_map, residual, scale, sub
 
 CONVERGED = "converged"
 UNSTABLE = "unstable fixed point"
@@ -209,6 +208,17 @@ def _power_estimate(H_bar: torch.Tensor) -> float:
         log_growth.append(float(torch.log(growth)))
         c = c / growth
     return math.exp(statistics.fmean(log_growth[k // 2:]))
+
+
+def fixed_point_stability(model, batch: Batch, state: State, *, iterations: int = 30,
+                          generator: torch.Generator) -> dict[str, Any]:
+    """ρ(J_G) at ``state`` (J_Gᵀ has the same spectrum): the fixed point attracts when ρ < 1. ``resolved`` says
+    whether Arnoldi has settled ρ on one side of 1 (Ritz residual < |1 − ρ|)."""
+    _, J_G_transpose = linearize(relaxation_map(model, batch), state)
+    spectral = spectral_radius(J_G_transpose, state, iterations=iterations, generator=generator)
+    rho = spectral["rho"]
+    return {"spectral_radius": rho, "stable": rho < 1, "resolved": spectral["ritz_residual"] < abs(1 - rho),
+            "ritz_residual": spectral["ritz_residual"], "iterations": spectral["applications"]}
 
 
 def diagnose_fixed_point(model, batch: Batch, *, iterations: int = 50, generator: torch.Generator,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ep_core.bptt import BPTT
 from ep_core.data import register_builtin_datasets
 from ep_core.models.cet import CET
+from ep_core.models.lm import LM
 from ep_core.models.toy import Toy
 from ep_core.plugins import hookimpl
 
@@ -18,6 +19,7 @@ def register_estimators(register):
 @hookimpl
 def register_models(register):
     register("cet", CET)
+    register("lm", LM)
     register("toy", Toy)
 
 

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 
 from ep_core.protocols import Batch, EpxError, GradientEstimate, State, parameter_groups
-from ep_core.relax import norm, sub
-from ep_core.seeding import ESTIMATOR_STREAM, generator
+from ep_core.analysis import fixed_point_stability
+from ep_core.relax import CONVERGED_TOL, norm, sub
+from ep_core.seeding import ESTIMATOR_STREAM, PROBE_STREAM, generator
 
 FORMAT = "epx.comparison/1"
-CONVERGED_TOL = 1e-4
-"""A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
 
 Progress = Callable[[str, int, int], None]
 
@@ -214,10 +213,13 @@ def environment() -> dict[str, Any]:
 
 def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, reference: tuple[str, Any],
             seed: int = 0, repeats: int = 3, warmup: int = 1, converged_tol: float = CONVERGED_TOL,
-            meta: Mapping[str, Any] | None = None, progress: Progress | None = None) -> Comparison:
+            stability_iterations: int = 30, meta: Mapping[str, Any] | None = None,
+            progress: Progress | None = None) -> Comparison:
     """Measure each (label, estimator) against the reference (label, estimator) on ``model`` and ``batch``.
 
-    The reference is listed first in the results, with cosine 1 by construction.
+    The reference is listed first in the results, with cosine 1 by construction. Where the reference reports
+    the state it ended in, ρ(J_G) there is estimated with ``stability_iterations`` Arnoldi steps (0: skip) and
+    recorded as ``fixed_point``: whether the fixed point the estimators assume is an attracting one.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -243,10 +245,16 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
         result.fixed_point_distance = {other: _relative_distance(mine, theirs)
                                        for other, theirs in fixed_points.items()
                                        if other != result.label and mine is not None and theirs is not None}
+    end_state = ref_measurement.estimate.fixed_point
+    stability = None
+    if stability_iterations and end_state is not None:
+        stability = fixed_point_stability(model, batch, end_state, iterations=stability_iterations,
+                                          generator=generator(seed, PROBE_STREAM))
     if progress:
         progress("done", total, total)
     device = next(model.parameters())
     info = {"seed": seed, "repeats": repeats, "warmup": warmup, "converged_tol": converged_tol,
             "dtype": str(device.dtype).removeprefix("torch."), "device": str(device.device),
-            "parameter_groups": {g: list(m) for g, m in groups.items()}, "environment": environment()}
+            "parameter_groups": {g: list(m) for g, m in groups.items()}, "fixed_point": stability,
+            "environment": environment()}
     return Comparison(meta={**(meta or {}), **info}, reference=ref_label, results=results)

@@ -169,12 +169,15 @@ class Registry:
     def add_commands(self, cli: Any) -> None:
         """Let plugins add click commands; a failing plugin is recorded, the CLI still works."""
         for impl in self.manager.hook.register_commands.get_hookimpls():
+            record = next((p for p in self.plugins if p.name == impl.plugin_name), None)
+            before = set(cli.commands)
             try:
                 impl.function(cli=cli)
             except Exception as exc:  # noqa: BLE001
-                record = next((p for p in self.plugins if p.name == impl.plugin_name), None)
                 if record is not None:
                     self._fail(record, "register_commands", exc, strict=False)
+            if record is not None:
+                record.registered += [f"command:{name}" for name in sorted(set(cli.commands) - before)]
 
 
 def _allowed(entry_point: importlib.metadata.EntryPoint, allow: set[str] | None) -> bool:

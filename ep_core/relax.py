@@ -16,6 +16,9 @@ import torch
 
 from ep_core.protocols import Batch, DivergenceError, State
 
+CONVERGED_TOL = 1e-4
+"""A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
+
 Drive = Callable[[State, State], State]
 """An extra force term d(x, F(x)) added during a relaxation; it sees the force already computed at x."""
 

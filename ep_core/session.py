@@ -66,9 +66,16 @@ def split_estimator_settings(settings: Mapping[str, str], estimators: Mapping[st
 
 
 def build_model(registry: Registry, name: str, settings: Mapping[str, Any] | None = None, *, seed: int = 0,
-                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                dataset: Any | None = None) -> torch.nn.Module:
+    """The model ``name`` with ``settings``, initialised from the seed's INIT stream.
+
+    A model class may define ``config_from_data(dataset) -> dict``: settings the data imply (lm's vocabulary
+    size), applied under the user's own settings.
+    """
     cls = registry.get("model", name).factory
-    config = cls.Config.from_mapping(settings or {})
+    implied = cls.config_from_data(dataset) if dataset is not None and hasattr(cls, "config_from_data") else {}
+    config = cls.Config.from_mapping({**implied, **(settings or {})})
     model = cls(config, generator=generator(seed, INIT_STREAM))
     return model.to(dtype=dtype, device=device)
 
@@ -84,42 +91,69 @@ class Data:
     description: dict[str, Any]
 
 
-def needs_images(model_class: type) -> bool:
-    return getattr(model_class, "data", "images") == "images"
+def data_kind(model_class: type) -> str:
+    """What a model learns from: "images", "text" (both from a dataset) or "synthetic" (it makes its own)."""
+    return getattr(model_class, "data", "images")
 
 
-def load_images(registry: Registry, data: str = "auto", *, data_dir: str | None = None, download: bool = True,
-                warn: Callable[[str], None] | None = None) -> Any:
-    """The image dataset named ``data`` ('auto' falls back to 'sample' with one warning)."""
-    return registry.get("dataset", data).factory(data_dir=data_dir, download=download, warn=warn)
+def default_batch_size(model_class: type) -> int:
+    return getattr(model_class, "default_batch_size", 32)
 
 
-def build_batch(model, dataset: Any | None, *, batch_size: int = 32, seed: int = 0, requested: str = "auto") -> Data:
-    """The batch the model learns from: a random subset of ``dataset``, prepared (masked) by the model; or, for a
-    model with ``data = "synthetic"``, the batch it makes itself (``dataset`` is then unused)."""
+def load_data(registry: Registry, data: str = "auto", *, kind: str, data_dir: str | None = None,
+              download: bool = True, warn: Callable[[str], None] | None = None, split: str = "train") -> Any:
+    """The dataset named ``data`` for a model that needs ``kind`` ('auto' falls back to the generated 'sample'
+    of that kind with one warning); None for a model with synthetic data."""
+    if kind == "synthetic":
+        return None
+    dataset = registry.get("dataset", data).factory(data_dir=data_dir, download=download, warn=warn, split=split,
+                                                    kind=kind)
+    if getattr(dataset, "kind", "images") != kind:
+        raise ConfigError("data", f"{data!r} holds {getattr(dataset, 'kind', 'images')}, but the model learns from "
+                                  f"{kind}; choose a {kind} dataset (see `epx list datasets`) or --data auto")
+    return dataset
+
+
+def draw_batch(model, dataset: Any | None, batch_size: int, *, data: torch.Generator,
+               mask: torch.Generator) -> Batch:
+    """One batch for ``model``: ``batch_size`` samples of ``dataset`` drawn with the ``data`` generator and
+    prepared (e.g. masked) with ``mask``; or, for a synthetic-data model, the batch it makes from ``data``."""
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
     parameter = next(model.parameters())
-    if not needs_images(type(model)):
-        batch = model.make_batch(batch_size, generator=generator(seed, DATA_STREAM))
+    kind = data_kind(type(model))
+    if kind == "synthetic":
+        return model.make_batch(batch_size, generator=data)
+    if kind == "text":
+        inputs, targets = dataset.batch(batch_size, context=model.config.context, generator=data)
+    else:
+        inputs, targets = dataset.batch(batch_size, generator=data, dtype=parameter.dtype)
+    batch = model.prepare_batch(inputs, targets, generator=mask)
+    return {k: v.to(parameter.device) for k, v in batch.items()}
+
+
+def build_batch(model, dataset: Any | None, *, batch_size: int | None = None, seed: int = 0,
+                requested: str = "auto") -> Data:
+    """The batch a comparison measures on, drawn from the seed's DATA and MASK streams."""
+    batch_size = default_batch_size(type(model)) if batch_size is None else batch_size
+    batch = draw_batch(model, dataset, batch_size, data=generator(seed, DATA_STREAM),
+                       mask=generator(seed, MASK_STREAM))
+    if dataset is None:
         return Data(batch, {"name": "synthetic", "source": f"{type(model).__name__}.make_batch",
                             "batch_size": batch_size})
-    images, labels = dataset.batch(batch_size, generator=generator(seed, DATA_STREAM), dtype=parameter.dtype)
-    batch = model.prepare_batch(images, labels, generator=generator(seed, MASK_STREAM))
-    batch = {k: v.to(parameter.device) for k, v in batch.items()}
     return Data(batch, {**dataset.describe(), "requested": requested, "batch_size": batch_size})
 
 
 def run_comparison(registry: Registry, estimators: Sequence[str], model_name: str, *,
                    reference: str = "bptt", settings: Mapping[str, str] | None = None,
                    model_settings: Mapping[str, str] | None = None, data: str = "auto",
-                   data_dir: str | None = None, batch_size: int = 32, seed: int = 0,
+                   data_dir: str | None = None, batch_size: int | None = None, seed: int = 0,
                    dtype: str = "float32", device: str = "cpu", repeats: int = 3, download: bool = True,
                    warn: Callable[[str], None] | None = None, progress: Progress | None = None,
                    dataset: Any | None = None) -> Comparison:
     """Build everything from names and settings, then :func:`ep_core.harness.compare`.
 
-    ``dataset`` reuses images already loaded (a sweep loads them once); otherwise ``data`` is loaded here.
+    ``dataset`` reuses data already loaded (a sweep loads them once); otherwise ``data`` is loaded here.
     """
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"{dtype!r} is not valid; valid: {', '.join(DTYPES)}")
@@ -128,14 +162,18 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
         labels.remove(reference)
     classes = {label: registry.get("estimator", label).factory for label in [reference, *labels]}
     routed = split_estimator_settings(settings or {}, classes)
-    model = build_model(registry, model_name, model_settings, seed=seed, dtype=DTYPES[dtype], device=device)
+    built = {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
+    model_class = registry.get("model", model_name).factory
+    model_class.Config.from_mapping(model_settings or {})  # a bad setting fails before the data are loaded
+    if dataset is None:
+        dataset = load_data(registry, data, kind=data_kind(model_class), data_dir=data_dir, download=download,
+                            warn=warn)
+    model = build_model(registry, model_name, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
+                        dataset=dataset)
     for label, cls in classes.items():
         required = getattr(cls, "requires", None)
         if required is not None and not isinstance(model, required):
             raise ConfigError("model", f"{label} needs a {required.__name__}; {model_name} is not one")
-    built = {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
-    if dataset is None and needs_images(type(model)):
-        dataset = load_images(registry, data, data_dir=data_dir, download=download, warn=warn)
     prepared = build_batch(model, dataset, batch_size=batch_size, seed=seed, requested=data)
     meta = {"model": {"name": model_name, "config": model.config.to_dict()}, "data": prepared.description}
     return compare([(label, built[label]) for label in labels], model, prepared.batch,

@@ -25,7 +25,7 @@ from ep_core.files import write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
 from ep_core.protocols import EpxError
-from ep_core.session import load_images, needs_images, run_comparison
+from ep_core.session import data_kind, load_data, run_comparison
 
 FORMAT = "epx.sweep/1"
 
@@ -126,7 +126,7 @@ class SweepSpec:
     vary: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     data: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 1
@@ -198,8 +198,9 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     done = {record["id"]: record for record in (_load(out, spec) if out else [])}
     sweep = Sweep(spec, axes, [], resumed=sum(p.id in done for p in points))
     dataset = None
-    if needs_images(model_class) and len(done) < len(points):
-        dataset = load_images(registry, spec.data, data_dir=data_dir, download=download, warn=warn)
+    if len(done) < len(points):
+        dataset = load_data(registry, spec.data, kind=data_kind(model_class), data_dir=data_dir, download=download,
+                            warn=warn)
     for index, point in enumerate(points):
         if on_point:
             on_point(index, len(points), point)

@@ -16,7 +16,7 @@ from ep_core.models.cet import CET, CETConfig
 from ep_core.models.toy import Toy, ToyConfig
 from ep_core.protocols import Batch, Dynamics, State
 from ep_core.relax import free_phase, linearize, relaxation_map
-from ep_core.session import build_batch, generator, load_images
+from ep_core.session import build_batch, generator, load_data
 from epx_cli import main as cli_main
 from epx_cli.analyze import analyze
 
@@ -77,7 +77,7 @@ def small_cet(**settings) -> tuple[CET, Batch]:
     from ep_core.plugins import load
 
     model = CET(CETConfig.from_mapping({**SMALL_CET, **settings}), generator=generator(0, 0))
-    return model, build_batch(model, load_images(load(), "sample"), batch_size=4, requested="sample").batch
+    return model, build_batch(model, load_data(load(), "sample", kind="images"), batch_size=4, requested="sample").batch
 
 
 # --- antisymmetry ------------------------------------------------------------------------------------

@@ -49,21 +49,21 @@ class Setup:
         self.config = self.model_class.Config.from_mapping(self.settings)
         self.data, self.data_dir, self.download = data, data_dir, not no_download
         self.batch_size, self.seed, self.device, self.dtype = batch_size, seed, device, dtype
-        self.images: Any = None
+        self.dataset: Any = None
 
     def build(self, overrides: dict[str, str] | None = None) -> tuple[Any, Data]:
         """(model, prepared batch) with ``overrides`` on top of the user's settings."""
-        from ep_core.session import DTYPES, build_batch, build_model, load_images, needs_images
+        from ep_core.session import DTYPES, build_batch, build_model, data_kind, load_data
 
-        if self.images is None and needs_images(self.model_class):
-            self.images = load_images(self.registry, self.data, data_dir=self.data_dir,
-                                      download=self.download, warn=warn)
+        if self.dataset is None and data_kind(self.model_class) != "synthetic":
+            self.dataset = load_data(self.registry, self.data, kind=data_kind(self.model_class),
+                                     data_dir=self.data_dir, download=self.download, warn=warn)
         model = build_model(self.registry, self.model_name, {**self.settings, **(overrides or {})},
-                            seed=self.seed, dtype=DTYPES[self.dtype], device=self.device)
+                            seed=self.seed, dtype=DTYPES[self.dtype], device=self.device, dataset=self.dataset)
         if not isinstance(model, EquilibriumModel):
             raise ConfigError("model", f"{self.model_name} is not an EquilibriumModel (no force to relax); "
                                        "analyze needs one, e.g. cet or toy")
-        return model, build_batch(model, self.images, batch_size=self.batch_size, seed=self.seed,
+        return model, build_batch(model, self.dataset, batch_size=self.batch_size, seed=self.seed,
                                   requested=self.data)
 
     def generator(self) -> torch.Generator:

@@ -22,7 +22,7 @@ from ep_core.config import ConfigError
 from ep_core.files import write_atomic
 from ep_core.plugins import PluginError, Registry, UnknownNameError, load
 from ep_core.protocols import EpxError
-from epx_cli.render import comparison_notes, comparison_table
+from epx_cli.render import comparison_notes, comparison_table, parameter_table
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_THRESHOLD = 1, 2, 3
 
@@ -191,7 +191,8 @@ def model_data_options() -> list[Callable[..., Any]]:
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Where to look for data first (then $EPX_DATA_DIR, ~/.cache/epx, system locations)."),
         click.option("--no-download", is_flag=True, help="Never try to download data."),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=None, type=click.IntRange(min=1),
+                     help="Samples per batch; default: the model's own (32 for cet and toy, 16 for lm)."),
         click.option("--seed", default=0, show_default=True, type=int,
                      help="Seeds initialisation, data and masks."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
@@ -260,18 +261,20 @@ def warn(message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparison as JSON to this file (atomically).")
+@click.option("--per-parameter", is_flag=True, help="Also show the cosine of every parameter's gradient.")
 @click.option("--min-cosine", type=float, default=None,
               help="Exit 3 unless every estimator's overall cosine to the reference is at least this.")
 @handle_errors
 def compare(estimators: tuple[str, ...], model_name: str, reference: str, settings: tuple[str, ...],
             model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, batch_size: int,
             seed: int, device: str, dtype: str, repeats: int, as_json: bool, out_file: Path | None,
-            min_cosine: float | None) -> None:
+            per_parameter: bool, min_cosine: float | None) -> None:
     """Compare ESTIMATORS against the reference gradient on one model and batch.
 
     \b
     epx compare aep bptt --model cet
     epx compare ep aep adjoint --model cet --model-set s=0.5 --dtype float64 --set beta=0.001
+    epx compare ep aep bptt --model lm --set aep.clip=1 --per-parameter
     """
     from ep_core.session import parse_settings, run_comparison
 
@@ -286,7 +289,8 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
             data=data, data_dir=data_dir, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
             repeats=repeats, download=not no_download, warn=warn, progress=progress)
     result = comparison.to_json()
-    emit(result, [comparison_table(result)], comparison_notes(result), as_json=as_json, out_file=out_file)
+    tables = [comparison_table(result)] + ([parameter_table(result)] if per_parameter else [])
+    emit(result, tables, comparison_notes(result), as_json=as_json, out_file=out_file)
     if min_cosine is not None:
         below = [r["label"] for r in result["results"][1:]
                  if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine]

@@ -117,3 +117,50 @@ def plot_sweep(sweep: dict[str, Any], rows: list[dict[str, Any]], path: Path, *,
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
+
+
+def plot_training(runs: dict[str, list[dict[str, Any]]], path: Path, *, title: str,
+                  reference_loss: float | None = None) -> None:
+    """Training runs' log records: the loss per step (faint) and validation loss (markers) above, the cosine of
+    each run's gradient to the reference below when the runs were diagnosed. ``reference_loss`` draws a line,
+    e.g. ln(vocabulary), the loss of a uniform guess."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diagnosed = any("diagnostic" in r for records in runs.values() for r in records)
+    fig, axes = plt.subplots(2 if diagnosed else 1, 1, figsize=(7.5, 7 if diagnosed else 4.5), sharex=True,
+                             squeeze=False)
+    loss_axis = axes[0][0]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, (label, records) in enumerate(runs.items()):
+        colour = palette[number % len(palette)]
+        train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and r.get("loss") is not None]
+        evals = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+        if train:
+            loss_axis.plot(*zip(*train), color=colour, alpha=0.3, linewidth=0.8, label=f"{label} train")
+        if evals:
+            loss_axis.plot(*zip(*evals), color=colour, marker="o", markersize=3, label=f"{label} validation")
+        if diagnosed:
+            cosines = [(r["step"], r["diagnostic"]["cosine"]) for r in records
+                       if "diagnostic" in r and r["diagnostic"]["cosine"] is not None]
+            if cosines:
+                axes[1][0].plot(*zip(*cosines), color=colour, marker="s", markersize=3, label=label)
+    if reference_loss is not None:
+        loss_axis.axhline(reference_loss, color="grey", linestyle="--", linewidth=0.8, label="uniform guess")
+    loss_axis.set_ylabel("loss C(x*)")
+    loss_axis.set_title(title, fontsize="medium")
+    loss_axis.legend(fontsize="small")
+    loss_axis.grid(alpha=0.3)
+    if diagnosed:
+        axes[1][0].set_ylabel("cosine to the reference gradient")
+        axes[1][0].axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+        axes[1][0].legend(fontsize="small")
+        axes[1][0].grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())

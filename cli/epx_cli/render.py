@@ -65,6 +65,35 @@ def comparison_table(data: dict[str, Any]) -> Table:
             residual,
             fmt_number(row["force_evals"], "d"),
         )
+    table.caption = fixed_point_line(data)
+    table.caption_justify = "left"
+    return table
+
+
+def fixed_point_line(data: dict[str, Any]) -> str | None:
+    """The reference's free phase: residual, and whether its end point is an attracting fixed point."""
+    reference = data["results"][0]
+    stability = data.get("fixed_point")
+    if reference["residual"] is None:
+        return None
+    line = (f"free phase ({data['reference']}): residual {reference['residual']:.2e} "
+            f"({'converged' if reference['converged'] else 'NOT converged'})")
+    if stability:
+        verdict = "stable fixed point" if stability["stable"] else "NOT a stable fixed point"
+        unsure = "" if stability["resolved"] else ", not resolved: ρ is within the Ritz residual of 1"
+        line += f" · ρ(J_G) = {stability['spectral_radius']:.4f} ({verdict}{unsure})"
+    return line
+
+
+def parameter_table(data: dict[str, Any]) -> Table:
+    """Cosine to the reference of each parameter's gradient, one row per estimator."""
+    names = list(data["results"][0]["metrics"]["parameters"])
+    table = Table(title=f"per-parameter cosine to {data['reference']}", title_justify="left", header_style="bold")
+    table.add_column("estimator")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in data["results"][1:]:
+        table.add_row(row["label"], *(fmt_cosine(row["metrics"]["parameters"][n]) for n in names))
     return table
 
 

@@ -1,0 +1,149 @@
+"""lm — a character language model whose causal attention is a damped equilibrium block.
+
+Tokens u (B×T) are embedded as x_in = E_tok[u] + E_pos (clamped: the boundary condition of the dynamics). The
+state is z (B×T×C) and the force is
+
+    F(z) = −(z − x_in) + s·(Attn(z) − c·z),
+
+with Attn the causal multi-head softmax attention O·softmax(QKᵀ/√d_h, causal)·V of independent projections
+W_Q, W_K, W_V, W_O: not the gradient of any energy, so s > 0 is non-conservative and s = 0 is the conservative
+limit. The damping c > 0 makes the block a contraction for moderate s, so there is a stable fixed point z*. The
+free phase starts from z = x_in. The read-out is logits = z*·W_head and the cost is the next-character
+cross-entropy, averaged over the B×T positions.
+
+The embeddings are fixed random tables (std ``embed_std``) unless ``learn_embeddings``; seed 002 trains only the
+attention and the read-out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ep_core.config import Config, ConfigError, option
+from ep_core.protocols import Batch, Dynamics, State
+
+
+@dataclass(frozen=True)
+class LMConfig(Config):
+    s: float = option(1.0, "attention scale; 0 is the conservative limit", ge=0)
+    c: float = option(1.0, "damping in the attention term s·(Attn(z) − c·z)", ge=0)
+    eps: float = option(0.1, "relaxation step size ε", gt=0)
+    T1: int = option(120, "free-phase steps", ge=1)
+    context: int = option(64, "characters per sequence T", ge=1)
+    width: int = option(128, "embedding width C", ge=1)
+    heads: int = option(4, "attention heads (each C/heads wide)", ge=1)
+    vocab: int | None = option(None, "vocabulary size; taken from the dataset when unset", ge=1, optional=True)
+    embed_std: float = option(0.02, "standard deviation of the token and position embeddings", gt=0)
+    learn_embeddings: bool = option(False, "train the embeddings too (group 'embedding')")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.width % self.heads:
+            raise ConfigError("heads", f"width {self.width} must be divisible by heads={self.heads}")
+
+
+class LM(nn.Module):
+    summary: ClassVar[str] = "causal equilibrium attention on characters (next-character cross-entropy); scale s"
+    Config: ClassVar[type[Config]] = LMConfig
+    data: ClassVar[str] = "text"
+    default_batch_size: ClassVar[int] = 16
+    state_names: ClassVar[tuple[str, ...]] = ("z",)
+
+    @staticmethod
+    def config_from_data(dataset: Any) -> dict[str, Any]:
+        return {"vocab": dataset.vocab_size}
+
+    def __init__(self, config: LMConfig | None = None, *, generator: torch.Generator):
+        super().__init__()
+        self.config = cfg = config or LMConfig()
+        if cfg.vocab is None:
+            raise ConfigError("vocab", "lm needs a vocabulary size: load it with a text dataset, or set vocab=N")
+        self.head_dim = cfg.width // cfg.heads
+
+        def normal(*shape: int, std: float) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator) * std
+
+        embeddings = {"token_embedding": normal(cfg.vocab, cfg.width, std=cfg.embed_std),
+                      "position_embedding": normal(cfg.context, cfg.width, std=cfg.embed_std)}
+        for name, table in embeddings.items():
+            if cfg.learn_embeddings:
+                self.register_parameter(name, nn.Parameter(table))
+            else:
+                self.register_buffer(name, table)
+        self.W_Q = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
+        self.W_K = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
+        self.W_V = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
+        self.W_O = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
+        self.W_head = nn.Parameter(normal(cfg.width, cfg.vocab, std=1 / math.sqrt(cfg.width)))
+        self.register_buffer("causal", torch.ones(cfg.context, cfg.context, dtype=torch.bool).tril(),
+                             persistent=False)
+
+    @property
+    def dynamics(self) -> Dynamics:
+        return Dynamics(eps=self.config.eps, T1=self.config.T1)
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        groups = {"attention": ["W_Q", "W_K", "W_V", "W_O"], "readout": ["W_head"]}
+        if self.config.learn_embeddings:
+            groups["embedding"] = ["token_embedding", "position_embedding"]
+        return groups
+
+    def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
+        cfg = self.config
+        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.shape[1] > cfg.context:
+            raise ConfigError("context", f"lm expects (B, T) token ids with T <= context={cfg.context} and "
+                                         f"targets of the same shape, got {tuple(inputs.shape)} and "
+                                         f"{tuple(targets.shape)}")
+        if int(inputs.max()) >= cfg.vocab or int(targets.max()) >= cfg.vocab:
+            raise ConfigError("vocab", f"token id {max(int(inputs.max()), int(targets.max()))} does not fit "
+                                       f"vocab={cfg.vocab}; leave vocab unset to take it from the dataset")
+        device = self.W_head.device
+        return {"tokens": inputs.to(device), "targets": targets.to(device)}
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """x_in = E_tok[u] + E_pos."""
+        tokens = batch["tokens"]
+        return self.token_embedding[tokens] + self.position_embedding[: tokens.shape[1]]
+
+    def attention(self, z: torch.Tensor) -> torch.Tensor:
+        """Attn(z) = O·softmax(QKᵀ/√d_h, causal)·V, per head."""
+        b, t, width = z.shape
+        heads, head_dim = self.config.heads, self.head_dim
+
+        def split(w: torch.Tensor) -> torch.Tensor:
+            return (z @ w).view(b, t, heads, head_dim).transpose(1, 2)
+
+        scores = split(self.W_Q) @ split(self.W_K).transpose(-1, -2) / math.sqrt(head_dim)
+        scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
+        mixed = torch.softmax(scores, dim=-1) @ split(self.W_V)
+        return mixed.transpose(1, 2).reshape(b, t, width) @ self.W_O
+
+    def logits(self, state: State) -> torch.Tensor:
+        (z,) = state
+        return z @ self.W_head
+
+    def init_state(self, batch: Batch) -> State:
+        return (self.embed(batch),)
+
+    def force(self, state: State, batch: Batch) -> State:
+        (z,) = state
+        s, c = self.config.s, self.config.c
+        clamp = self.embed(batch) - z
+        return (clamp + s * (self.attention(z) - c * z) if s else clamp,)
+
+    def nonconservative(self, state: State, batch: Batch) -> State:
+        (z,) = state
+        return (self.config.s * self.attention(z) if self.config.s else torch.zeros_like(z),)
+
+    def project(self, state: State) -> State:
+        return state
+
+    def cost(self, state: State, batch: Batch) -> torch.Tensor:
+        logits = self.logits(state)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1))

@@ -45,7 +45,7 @@ class BPTT:
             for t in range(1, steps + 1):
                 x = relaxation_step(x)
                 if not is_finite(x):
-                    raise DivergenceError("free", t, model.dynamics.eps, divergence_remedy("free"))
+                    raise DivergenceError("free", t, model.dynamics.eps, divergence_remedy("free", model.dynamics.eps))
             final["state"] = tuple(xi.detach() for xi in x)
             return model.cost(x, batch)
 

@@ -20,6 +20,11 @@ Nothing here ever unpickles anything: IDX is parsed by :func:`read_idx` with pla
 The ``auto`` choice tries all of the above and, when Fashion-MNIST is unreachable, warns once and falls back
 to :func:`make_sample`, a small deterministic dataset of synthetic shapes. Every :class:`ImageDataset` carries
 its ``name`` and ``source`` so results can record the data actually used (:meth:`ImageDataset.describe`).
+
+Character-level text (tiny Shakespeare and a generated play) lives in :mod:`ep_core.text`, which shares the
+search roots (:func:`search_path`), the download machinery and the errors defined here. The registered dataset
+factories take a ``kind`` argument, "images" or "text", so ``sample`` and ``auto`` can serve either kind of
+model; ``fashionmnist`` and ``shakespeare`` always return their own kind and leave the mismatch to the caller.
 """
 
 from __future__ import annotations
@@ -42,13 +47,14 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 __all__ = [
     "DATASET_NAMES",
+    "DATA_KINDS",
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_RAW_SHA256",
     "FASHION_MNIST_SHA256",
@@ -66,6 +72,7 @@ __all__ = [
     "read_idx",
     "register_builtin_datasets",
     "resolve_images",
+    "search_path",
     "user_cache_dir",
 ]
 
@@ -117,7 +124,12 @@ SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),
 # Sub-directories of a root that may hold the files: ours, and torchvision's FashionMNIST layout.
 _LAYOUTS: tuple[tuple[str, ...], ...] = ((), ("fashion-mnist",), ("FashionMNIST", "raw"))
 
-DATASET_NAMES: tuple[str, ...] = ("auto", "fashionmnist", "sample")
+#: Every registered dataset name, of either kind.
+DATASET_NAMES: tuple[str, ...] = ("auto", "fashionmnist", "sample", "shakespeare")
+_IMAGE_NAMES: tuple[str, ...] = ("auto", "fashionmnist", "sample")
+
+#: What a model can learn from, as passed to the dataset factories' ``kind``.
+DATA_KINDS: tuple[str, ...] = ("images", "text")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _IDX_UINT8 = 0x08
@@ -136,18 +148,34 @@ def _one_line(text: str) -> str:
 class DataNotFound(Exception):
     """A real dataset could not be found locally nor downloaded.
 
-    ``searched`` lists the root directories tried (each also with its ``fashion-mnist/`` and
-    ``FashionMNIST/raw/`` sub-directories), ``download`` says what happened to the download.
+    ``searched`` lists the root directories tried, ``download`` says what happened to the download. By default
+    the message describes Fashion-MNIST (both ``files`` in a root, its ``fashion-mnist/`` or its
+    ``FashionMNIST/raw/``); another dataset passes ``layouts``, the root-relative paths it accepts, and
+    ``fixes``, its own remedies listed after the common ones (EPX_DATA_DIR, --data-dir).
     """
 
-    def __init__(self, dataset: str, files: Sequence[str], searched: Sequence[Path], download: str) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        files: Sequence[str],
+        searched: Sequence[Path],
+        download: str,
+        *,
+        layouts: Sequence[str] | None = None,
+        fixes: Sequence[str] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.files = tuple(files)
         self.searched = tuple(searched)
         self.download = _one_line(download)
-        lines = [f"{dataset} not found: no directory holds both {' and '.join(self.files)} (or their "
-                 "uncompressed forms). Searched, in order (each root also as <root>/fashion-mnist/ and "
-                 "<root>/FashionMNIST/raw/):"]
+        self.layouts = tuple(layouts) if layouts is not None else None
+        if self.layouts is None:
+            lines = [f"{dataset} not found: no directory holds both {' and '.join(self.files)} (or their "
+                     "uncompressed forms). Searched, in order (each root also as <root>/fashion-mnist/ and "
+                     "<root>/FashionMNIST/raw/):"]
+        else:
+            accepted = ", ".join(f"<root>/{layout}" for layout in self.layouts)
+            lines = [f"{dataset} not found: no root holds any of {accepted}. Searched, in order:"]
         for root in self.searched:
             note = "" if root.is_dir() else "  (does not exist)"
             lines.append(f"  - {root}{note}")
@@ -155,10 +183,13 @@ class DataNotFound(Exception):
         lines.append("To fix, do one of:")
         lines.append("  - set EPX_DATA_DIR to a directory holding the files (e.g. ../shared/data)")
         lines.append("  - pass --data-dir DIR (or data_dir=DIR)")
-        lines.append("  - install Debian/Ubuntu's dataset-fashion-mnist (apt install dataset-fashion-mnist), "
-                     "which provides /usr/share/datasets/fashion-mnist")
-        cache = user_cache_dir() / "fashion-mnist"
-        lines.append(f"  - go online and allow downloading; files are cached in {cache}")
+        if fixes is None:
+            fixes = (
+                "install Debian/Ubuntu's dataset-fashion-mnist (apt install dataset-fashion-mnist), "
+                "which provides /usr/share/datasets/fashion-mnist",
+                f"go online and allow downloading; files are cached in {user_cache_dir() / 'fashion-mnist'}",
+            )
+        lines.extend(f"  - {fix}" for fix in fixes)
         super().__init__("\n".join(lines))
 
     @property
@@ -199,6 +230,8 @@ class ImageDataset:
     ``images`` is uint8 N×C×H×W (0..255), ``labels`` is int64 N in ``[0, classes)``. ``source`` is the file
     the images were read from, the URL they were downloaded from, or ``"generated"``.
     """
+
+    kind: ClassVar[str] = "images"
 
     name: str
     images: torch.Tensor = field(repr=False)
@@ -323,7 +356,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Locating Fashion-MNIST
+# Where datasets are looked for
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -334,8 +367,11 @@ def user_cache_dir() -> Path:
     return base / "epx"
 
 
-def fashion_mnist_search_path(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Root directories searched for Fashion-MNIST, first match wins (see the module docstring)."""
+def search_path(
+    data_dir: str | os.PathLike[str] | None = None, *, system: Sequence[Path] = ()
+) -> list[Path]:
+    """Root directories to search for a dataset, first match wins: ``data_dir``, ``$EPX_DATA_DIR``, the user
+    cache, then the dataset's ``system`` locations. Empty values are skipped, repeated directories kept once."""
     roots: list[Path] = []
     if data_dir is not None and str(data_dir) != "":
         roots.append(Path(data_dir).expanduser())
@@ -343,12 +379,22 @@ def fashion_mnist_search_path(data_dir: str | os.PathLike[str] | None = None) ->
     if env:
         roots.append(Path(env).expanduser())
     roots.append(user_cache_dir())
-    roots.extend(SYSTEM_DATA_DIRS)
+    roots.extend(system)
     unique: list[Path] = []
     for r in roots:
         if r not in unique:
             unique.append(r)
     return unique
+
+
+def fashion_mnist_search_path(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Root directories searched for Fashion-MNIST, first match wins (see the module docstring)."""
+    return search_path(data_dir, system=SYSTEM_DATA_DIRS)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Locating Fashion-MNIST
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _split_files(split: str) -> tuple[str, str]:
@@ -727,44 +773,80 @@ def resolve_images(
             else:
                 warn(msg)
             return _sample_for(split)
-    raise ValueError(f"unknown image dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    raise ValueError(f"unknown image dataset {name!r}; valid names: {', '.join(_IMAGE_NAMES)}")
+
+
+def _resolve_kind(name: str, kind: str, **kw: Any) -> Any:
+    """``name`` ("sample" or "auto") among the datasets of ``kind``."""
+    if kind == "images":
+        return resolve_images(name, **kw)
+    if kind == "text":
+        # Imported here: ep_core.text builds on this module, so a top-level import would be circular.
+        from ep_core.text import resolve_text
+
+        return resolve_text(name, **kw)
+    raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(DATA_KINDS)}")
+
+
+# Every factory takes ``kind`` so the caller need not know which ones care; fashionmnist and shakespeare
+# return their own kind regardless, and the caller reports a mismatch with what its model needs.
 
 
 def _fashionmnist_factory(
     *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
-    warn: Callable[[str], Any] | None = None, split: str = "train",
+    warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "images",
 ) -> ImageDataset:
     return resolve_images("fashionmnist", data_dir=data_dir, download=download, warn=warn, split=split)
 
 
+def _shakespeare_factory(
+    *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
+    warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "text",
+) -> Any:
+    from ep_core.text import resolve_text  # circular at the top level, see _resolve_kind
+
+    return resolve_text("shakespeare", data_dir=data_dir, download=download, warn=warn, split=split)
+
+
 def _sample_factory(
     *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
-    warn: Callable[[str], Any] | None = None, split: str = "train",
-) -> ImageDataset:
-    return resolve_images("sample", data_dir=data_dir, download=download, warn=warn, split=split)
+    warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "images",
+) -> Any:
+    return _resolve_kind("sample", kind, data_dir=data_dir, download=download, warn=warn, split=split)
 
 
 def _auto_factory(
     *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
-    warn: Callable[[str], Any] | None = None, split: str = "train",
-) -> ImageDataset:
-    return resolve_images("auto", data_dir=data_dir, download=download, warn=warn, split=split)
+    warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "images",
+) -> Any:
+    return _resolve_kind("auto", kind, data_dir=data_dir, download=download, warn=warn, split=split)
 
 
 def register_builtin_datasets(register: Callable[..., Any]) -> None:
-    """Register the built-in image datasets with a plugin-style ``register(name, factory, summary=...)``."""
+    """Register the built-in datasets with a plugin-style ``register(name, factory, summary=...)``.
+
+    Each factory is called as ``factory(data_dir=..., download=..., warn=..., split=..., kind=...)``.
+    """
     register(
         "fashionmnist",
         _fashionmnist_factory,
         summary="Fashion-MNIST (Zalando), 1x28x28, 10 classes; local files or download, SHA-256 checked",
     )
     register(
+        "shakespeare",
+        _shakespeare_factory,
+        summary="tiny Shakespeare (char-rnn), 1.1M characters, 65-character vocabulary; local file or download, "
+        "SHA-256 checked",
+    )
+    register(
         "sample",
         _sample_factory,
-        summary="generated shapes (bars, rings, discs, ...), 1x28x28, 10 classes; deterministic, offline",
+        summary="generated: shapes (bars, rings, discs, ...), 1x28x28, 10 classes, or for text models a small "
+        "play; deterministic, offline",
     )
     register(
         "auto",
         _auto_factory,
-        summary="Fashion-MNIST if reachable, else the generated sample with a warning",
+        summary="the real dataset of the model's kind (Fashion-MNIST or tiny Shakespeare) if reachable, else the "
+        "generated sample with a warning",
     )

@@ -133,7 +133,7 @@ class Result:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
 
 @dataclass
@@ -153,22 +153,22 @@ class Comparison:
         return all(r.converged is not False for r in self.results)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, **_jsonable(self.meta), "reference": self.reference,
+        return {"format": FORMAT, **jsonable(self.meta), "reference": self.reference,
                 "converged": self.converged, "results": [r.to_json() for r in self.results]}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, allow_nan=False)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return _jsonable(value.item() if value.numel() == 1 else value.tolist())
+        return jsonable(value.item() if value.numel() == 1 else value.tolist())
     if isinstance(value, (str, int, bool)) or value is None:
         return value
     return str(value)

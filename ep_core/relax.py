@@ -93,12 +93,12 @@ def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: D
                 force = add(force, drive(x, force))
             x = step(model, batch, x, force)
             if not is_finite(x):
-                raise DivergenceError(phase, t, eps, divergence_remedy(phase))
+                raise DivergenceError(phase, t, eps, divergence_remedy(phase, eps))
     return Relaxation(state=x, steps=steps, force_evals=steps)
 
 
-def divergence_remedy(phase: str) -> str:
-    base = "lower the step size (e.g. --model-set eps=0.1)"
+def divergence_remedy(phase: str, eps: float) -> str:
+    base = f"lower the step size (e.g. --model-set eps={eps / 2:g})"
     if phase == "nudged":
         return base + " or the nudge strength beta (e.g. --set beta=0.01)"
     return base + " or the non-conservative scale s, which can remove the stable fixed point"

@@ -39,7 +39,7 @@ import torch
 
 from ep_core.config import Config, ConfigError, option
 from ep_core.files import write_atomic
-from ep_core.harness import environment, gradient_metrics
+from ep_core.harness import environment, gradient_metrics, jsonable
 from ep_core.protocols import EpxError, parameter_groups
 from ep_core.relax import free_phase
 from ep_core.plugins import Registry
@@ -277,6 +277,7 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
         log = None
 
     def emit(record: dict[str, Any]) -> None:
+        record = jsonable(record)  # a loss that overflowed is logged as null, not as invalid JSON
         records.append(record)
         if log is not None:
             log.write(json.dumps(record, allow_nan=False) + "\n")
@@ -307,7 +308,11 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
     model, config = run.model, run.config
     started = time.perf_counter()
     batch = draw_batch(model, run.dataset, run.batch_size, data=generators["data"], mask=generators["mask"])
-    estimate = run.estimator.estimate(model, batch, generator=generators["estimator"])
+    try:
+        estimate = run.estimator.estimate(model, batch, generator=generators["estimator"])
+    except EpxError as exc:
+        raise EpxError(f"training step {step}: {exc}. If the loss or the residual grew over the previous steps "
+                       "(see the log), training has pushed the model out of its stable regime: lower --lr") from exc
     record: dict[str, Any] = {"kind": "train", "step": step, "lr": learning_rate(config, step),
                               "ms": 1000 * (time.perf_counter() - started)}
     broken = [name for name, g in estimate.grads.items() if not bool(torch.isfinite(g).all())]

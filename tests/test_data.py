@@ -574,10 +574,12 @@ def test_register_builtin_datasets(isolated):
         registered[name] = (factory, kw)
 
     data.register_builtin_datasets(register)
-    assert set(registered) == {"fashionmnist", "sample", "auto"}
-    for factory, kw in registered.values():
+    assert set(registered) == {"fashionmnist", "sample", "auto", "shakespeare"}
+    for name, (factory, kw) in registered.items():
         assert isinstance(kw.get("summary"), str) and kw["summary"]
-        assert factory.__kwdefaults__ == {"data_dir": None, "download": True, "warn": None, "split": "train"}
+        kind = "text" if name == "shakespeare" else "images"
+        assert factory.__kwdefaults__ == {"data_dir": None, "download": True, "warn": None, "split": "train",
+                                          "kind": kind}
     assert registered["sample"][0]().source == "generated"
     seen: list[str] = []
     assert registered["auto"][0](download=False, warn=seen.append).name == "sample" and len(seen) == 1

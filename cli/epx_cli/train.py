@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ep_core.plugins import hookimpl
+from ep_core.relax import CONVERGED_TOL
 from ep_core.train import TrainConfig
 from epx_cli.main import apply_options, check_device, err, handle_errors, model_data_options, out, registry, warn
 from epx_cli.render import fmt_cosine, fmt_number
@@ -135,6 +136,12 @@ def train(estimator: str, reference: str, settings: tuple[str, ...], model_name:
 
         def on_record(record: dict[str, Any]) -> None:
             bar.update(task, completed=record["step"], status=_status(record, shown))
+            residual = record.get("residual")
+            if residual is not None and residual > CONVERGED_TOL and "unconverged" not in shown:
+                shown["unconverged"] = "warned"
+                warn(f"step {record['step']}: the free phase no longer converges (residual {residual:.1e} > "
+                     f"{CONVERGED_TOL:g}); the estimators' fixed-point assumption fails from here on. If the "
+                     "residual keeps rising, training is pushing the model out of its stable regime: lower --lr")
 
         progress.on_record = on_record
 

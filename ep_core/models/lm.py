@@ -28,6 +28,9 @@ from torch import nn
 from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, Dynamics, State
 
+READOUT_NORM_EPS = 1e-8
+"""Against a zero token; far below the mean square of z, which is about embed_std² (4e-4 by default)."""
+
 
 @dataclass(frozen=True)
 class LMConfig(Config):
@@ -41,6 +44,7 @@ class LMConfig(Config):
     vocab: int | None = option(None, "vocabulary size; taken from the dataset when unset", ge=1, optional=True)
     embed_std: float = option(0.02, "standard deviation of the token and position embeddings", gt=0)
     learn_embeddings: bool = option(False, "train the embeddings too (group 'embedding')")
+    readout_norm: bool = option(True, "read out z/rms(z) instead of z (false: seed 002's plain z·W_head)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,6 +130,8 @@ class LM(nn.Module):
 
     def logits(self, state: State) -> torch.Tensor:
         (z,) = state
+        if self.config.readout_norm:
+            z = z * torch.rsqrt(z.pow(2).mean(dim=-1, keepdim=True) + READOUT_NORM_EPS)
         return z @ self.W_head
 
     def init_state(self, batch: Batch) -> State:

@@ -141,8 +141,8 @@ class Config:
         kinds = cls.field_types()
         for key, value in merged.items():
             if key not in known:
-                raise ConfigError(key, f"unknown option for {cls.__name__}{suggest(key, known)}; "
-                                       f"valid options: {', '.join(sorted(known))}")
+                valid = f"valid options: {', '.join(sorted(known))}" if known else "it has no options"
+                raise ConfigError(key, f"unknown option for {cls.__name__}{suggest(key, known)}; {valid}")
             kind, nullable = kinds[key]
             if nullable and (value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
                 parsed[key] = None

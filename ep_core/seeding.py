@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-INIT_STREAM, DATA_STREAM, MASK_STREAM, ESTIMATOR_STREAM, PROBE_STREAM, EVAL_STREAM, EVAL_MASK_STREAM = range(7)
+(INIT_STREAM, DATA_STREAM, MASK_STREAM, ESTIMATOR_STREAM, PROBE_STREAM, EVAL_STREAM, EVAL_MASK_STREAM,
+ PENALTY_STREAM) = range(8)
 
 
 def generator(seed: int, stream: int, device: str | torch.device = "cpu") -> torch.Generator:

@@ -7,7 +7,13 @@ Step t = 1 … steps:
     ĝ_t[k] ← ĝ_t[k] · min(1, clip / ||ĝ_t[k]||)   for each parameter group k
     η_t     = lr · t/warmup during warm-up, then lr · (m + (1 − m)·½(1 + cos π·u)), u ∈ [0, 1] the fraction
               of the post-warm-up steps done and m = min_lr
-    θ      ← AdamW(θ, ĝ_t, η_t)                   (or SGD with momentum)
+    θ      ← AdamW(θ, ĝ_t + λ·∇_θR, η_t)          (or SGD with momentum)
+
+R = ||J_G(x*)ᵀv||² / ||v||², v ~ N(0, I), is Hutchinson's one-sample estimate of ||J_G||²_F / n at the free
+equilibrium x* (Bai, Koltun & Kolter 2021, "Stabilizing equilibrium models by Jacobian regularization"),
+with weight λ = ``jacobian_penalty`` (0: off). Training an equilibrium model can push the Jacobian of its
+relaxation map past the stability boundary, ρ(J_G) ≥ 1, where the fixed point that every estimator assumes
+stops attracting; the penalty pulls the other way. It is the same term whichever estimator is trained.
 
 The training loss logged at step t is C(x*) at the free equilibrium the estimator reports, before the update.
 Every ``eval_every`` steps (and at 0 and the end) the validation loss is the mean of C(x*) over
@@ -41,10 +47,11 @@ from ep_core.config import Config, ConfigError, option
 from ep_core.files import write_atomic
 from ep_core.harness import environment, gradient_metrics, jsonable
 from ep_core.protocols import EpxError, parameter_groups
-from ep_core.relax import free_phase
+from ep_core.analysis import fixed_point_stability
+from ep_core.relax import free_phase, inner, parameter_gradient, relaxation_map
 from ep_core.plugins import Registry
-from ep_core.seeding import (DATA_STREAM, ESTIMATOR_STREAM, EVAL_MASK_STREAM, EVAL_STREAM, MASK_STREAM, PROBE_STREAM,
-                             generator)
+from ep_core.seeding import (DATA_STREAM, ESTIMATOR_STREAM, EVAL_MASK_STREAM, EVAL_STREAM, MASK_STREAM,
+                             PENALTY_STREAM, PROBE_STREAM, generator)
 from ep_core.session import DTYPES, build_estimator, build_model, data_kind, default_batch_size, draw_batch, load_data
 
 RUN_FORMAT = "epx.run/1"
@@ -64,6 +71,7 @@ class TrainConfig(Config):
                                 optional=True)
     eval_every: int = option(25, "steps between validation losses (also at step 0 and at the end)", ge=1)
     eval_batches: int = option(4, "held-out batches per validation loss", ge=1)
+    jacobian_penalty: float = option(0.0, "weight λ of the Jacobian penalty λ·||J_G(x*)||²_F/n; 0: off", ge=0)
     diagnose_every: int = option(50, "steps between comparisons with the reference gradient; 0: never", ge=0)
     checkpoint_every: int = option(50, "steps between checkpoints (also at the end)", ge=1)
 
@@ -178,7 +186,23 @@ class Interrupted(EpxError):
 def _generators(run: Run) -> dict[str, torch.Generator]:
     device = next(run.model.parameters()).device
     return {"data": generator(run.seed, DATA_STREAM), "mask": generator(run.seed, MASK_STREAM),
-            "estimator": generator(run.seed, ESTIMATOR_STREAM, device)}
+            "estimator": generator(run.seed, ESTIMATOR_STREAM, device), "penalty": generator(run.seed, PENALTY_STREAM)}
+
+
+def jacobian_penalty(model, batch, state, *, weight: float,
+                     generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
+    """(∇_θ of λ·R, R) with R = ||J_G(x*)ᵀv||² / ||v||² for one v ~ N(0, I) drawn from ``generator``."""
+    probe = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in state)
+    relaxation_step = relaxation_map(model, batch)
+    value = {}
+
+    def penalty() -> torch.Tensor:
+        x = tuple(t.detach().requires_grad_() for t in state)
+        pulled_back = torch.autograd.grad(relaxation_step(x), x, grad_outputs=probe, create_graph=True)
+        value["R"] = inner(pulled_back, pulled_back) / inner(probe, probe)
+        return weight * value["R"]
+
+    return parameter_gradient(model, penalty), float(value["R"])
 
 
 def validation_loss(run: Run) -> float:
@@ -329,9 +353,19 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
         metrics = gradient_metrics(estimate.grads, exact.grads, groups)
         record["diagnostic"] = {"cosine": metrics["cosine"], "groups": metrics["groups"],
                                 "rel_error": metrics["rel_error"], "reference_residual": exact.stats.get("residual")}
+        if estimate.fixed_point is not None:
+            stability = fixed_point_stability(model, batch, estimate.fixed_point,
+                                              generator=generator(run.seed, PROBE_STREAM))
+            record["diagnostic"]["spectral_radius"] = stability["spectral_radius"]
+    grads = estimate.grads
+    if config.jacobian_penalty and estimate.fixed_point is not None:
+        penalty_grads, record["jacobian"] = jacobian_penalty(model, batch, estimate.fixed_point,
+                                                             weight=config.jacobian_penalty,
+                                                             generator=generators["penalty"])
+        grads = {name: g + penalty_grads[name] for name, g in grads.items()}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            p.grad = estimate.grads[name].to(dtype=p.dtype)
+            p.grad = grads[name].to(dtype=p.dtype)
     record["grad_norm"] = clip_groups(model, config.clip)
     for group in optimizer.param_groups:
         group["lr"] = record["lr"]

@@ -1,0 +1,141 @@
+"""lm: the causal equilibrium attention model of seed 002, on real tiny Shakespeare where text matters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ep_core.config import ConfigError
+from ep_core.harness import compare
+from ep_core.models.lm import LM, LMConfig
+from ep_core.plugins import load
+from ep_core.relax import free_phase
+from ep_core.session import build_batch, build_estimator, build_model, load_data, run_comparison
+from ep_core.text import make_text_sample
+
+TINY = {"context": 12, "width": 16, "heads": 2, "vocab": 11}
+
+
+def tiny_lm(seed: int = 0, **overrides) -> LM:
+    return LM(LMConfig(**{**TINY, **overrides}), generator=torch.Generator().manual_seed(seed)).double()
+
+
+def token_batch(model: LM, seed: int = 0, size: int = 3):
+    g = torch.Generator().manual_seed(100 + seed)
+    cfg = model.config
+    tokens = torch.randint(cfg.vocab, (size, cfg.context + 1), generator=g)
+    return model.prepare_batch(tokens[:, :-1], tokens[:, 1:], generator=g)
+
+
+def test_attention_is_causal():
+    model = tiny_lm()
+    z = torch.randn(2, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    changed = z.clone()
+    changed[:, 7:] += 1.0
+    before, after = model.attention(z), model.attention(changed)
+    assert torch.allclose(before[:, :7], after[:, :7], atol=1e-12)
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+def test_force_is_clamp_plus_damped_attention_and_conservative_at_s0():
+    model = tiny_lm(s=0.7, c=1.3)
+    batch = token_batch(model)
+    z = torch.randn(3, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x_in = model.embed(batch)
+    (force,) = model.force((z,), batch)
+    assert torch.allclose(force, -(z - x_in) + 0.7 * (model.attention(z) - 1.3 * z), atol=1e-12)
+    (nonconservative,) = model.nonconservative((z,), batch)
+    assert torch.allclose(nonconservative, 0.7 * model.attention(z), atol=1e-12)
+    conservative = tiny_lm(s=0.0)
+    (f0,) = conservative.force((z,), batch)
+    assert torch.allclose(f0, conservative.embed(batch) - z)  # −∇ of ½||z − x_in||²
+
+
+def test_attention_jacobian_is_not_symmetric():
+    model = tiny_lm()
+    z = torch.randn(1, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    jacobian = torch.autograd.functional.jacobian(model.attention, z).reshape(12 * 16, 12 * 16)
+    asymmetry = torch.linalg.matrix_norm(jacobian - jacobian.T) / torch.linalg.matrix_norm(jacobian)
+    assert asymmetry > 0.5  # causal: position t never reads a later one, so J is far from Jᵀ
+
+
+def test_cost_is_next_character_cross_entropy_and_uniform_logits_give_ln_vocab():
+    model = tiny_lm(readout_norm=False)
+    batch = token_batch(model)
+    with torch.no_grad():
+        model.W_head.zero_()
+    z = torch.randn(3, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert float(model.cost((z,), batch)) == pytest.approx(math.log(11), abs=1e-12)
+
+
+@torch.no_grad()
+def test_readout_norm_makes_the_cost_blind_to_the_scale_of_z():
+    model = tiny_lm()
+    batch = token_batch(model)
+    z = torch.randn(3, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert float(model.cost((z,), batch)) == pytest.approx(float(model.cost((10 * z,), batch)), rel=1e-7)
+    plain = tiny_lm(readout_norm=False)
+    assert float(plain.cost((z,), batch)) != pytest.approx(float(plain.cost((10 * z,), batch)), rel=1e-3)
+
+
+def test_embeddings_are_fixed_buffers_unless_learned():
+    assert {n for n, _ in tiny_lm().named_parameters()} == {"W_Q", "W_K", "W_V", "W_O", "W_head"}
+    learned = tiny_lm(learn_embeddings=True)
+    assert learned.parameter_groups()["embedding"] == ["token_embedding", "position_embedding"]
+    assert "token_embedding" in dict(learned.named_parameters())
+
+
+def test_bad_batches_and_missing_vocabulary_are_config_errors():
+    model = tiny_lm()
+    with pytest.raises(ConfigError, match="vocab"):
+        model.prepare_batch(torch.full((2, 12), 11), torch.zeros(2, 12, dtype=torch.long),
+                            generator=torch.Generator())
+    with pytest.raises(ConfigError, match="context"):
+        model.prepare_batch(torch.zeros(2, 13, dtype=torch.long), torch.zeros(2, 13, dtype=torch.long),
+                            generator=torch.Generator())
+    with pytest.raises(ConfigError, match="vocab"):
+        LM(LMConfig(), generator=torch.Generator())
+
+
+def test_vocabulary_comes_from_the_dataset():
+    registry = load()
+    sample = make_text_sample()
+    model = build_model(registry, "lm", {"context": "8"}, dataset=sample)
+    assert model.config.vocab == sample.vocab_size == model.W_head.shape[1]
+    batch = build_batch(model, sample, seed=5).batch
+    assert batch["tokens"].shape == (16, 8)  # lm's own default batch size
+    assert torch.equal(batch["tokens"][:, 1:], batch["targets"][:, :-1])
+
+
+def test_aep_matches_bptt_when_converged_and_naive_ep_does_not():
+    """float64, converged free phase, small β: aep is exact on the non-conservative lm; naive ep is biased."""
+    model = tiny_lm(T1=600)
+    batch = token_batch(model)
+    assert free_phase(model, batch).residual < 1e-10
+    registry = load()
+    comparison = compare([("ep", build_estimator(registry, "ep", {"beta": "1e-4", "T2": "300"})),
+                          ("aep", build_estimator(registry, "aep", {"beta": "1e-4", "T2": "300"}))],
+                         model, batch, reference=("bptt", build_estimator(registry, "bptt")), repeats=1)
+    aep, ep = comparison.result("aep").metrics, comparison.result("ep").metrics
+    assert aep["groups"]["attention"] > 0.9999
+    assert all(aep["parameters"][n] > 0.9999 for n in ("W_Q", "W_K", "W_V", "W_O"))
+    assert ep["groups"]["attention"] < 0.99
+    assert comparison.to_json()["fixed_point"]["stable"]
+
+
+def test_seed_002_comparison_on_real_shakespeare(real_data_dir):
+    """A short version of seed 002 on the real text: residual, stability, per-parameter cosines."""
+    registry = load()
+    text = load_data(registry, "shakespeare", kind="text", data_dir=str(real_data_dir))
+    result = run_comparison(registry, ["ep", "aep"], "lm", settings={"aep.clip": "1"},
+                            model_settings={"context": "32", "width": "64", "T1": "150"}, dataset=text,
+                            batch_size=4, repeats=1).to_json()
+    assert result["data"]["name"] == "shakespeare" and result["data"]["vocab_size"] == 65
+    assert result["fixed_point"]["stable"] and result["results"][0]["converged"]
+    aep = next(r for r in result["results"] if r["label"] == "aep")["metrics"]
+    ep = next(r for r in result["results"] if r["label"] == "ep")["metrics"]
+    assert aep["groups"]["attention"] > 0.97
+    assert aep["groups"]["attention"] > ep["groups"]["attention"] + 0.05

@@ -585,3 +585,17 @@ def test_register_builtin_datasets(isolated):
     assert registered["auto"][0](download=False, warn=seen.append).name == "sample" and len(seen) == 1
     with pytest.raises(DataNotFound):
         registered["fashionmnist"][0](download=False)
+
+
+def test_a_truncated_published_file_is_a_checksum_error_naming_file_and_expected_sha(tmp_path, real_data_dir):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copyfile(real_data_dir / "fashion-mnist" / name, folder / name)
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100_000])
+    with pytest.raises(ChecksumError) as caught:
+        load_fashion_mnist("test", data_dir=tmp_path, download=False)
+    message = str(caught.value)
+    assert str(images) in message and "truncated" in message
+    assert data.FASHION_MNIST_SHA256["t10k-images-idx3-ubyte.gz"] in message

@@ -9,6 +9,7 @@ to fail on estimators that break the contract.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,13 +24,19 @@ from ep_core.bptt import BPTT, BPTTConfig
 from ep_core.harness import gradient_metrics
 from ep_core.models.toy import Toy, ToyConfig
 from ep_core.protocols import EquilibriumModel, GradientEstimate
+from ep_core.config import Config, option
 from ep_core.testing import (
+    CHECK_NAMES,
     LIMIT_SETTINGS,
+    SUITE_VERSION,
+    ConformanceError,
     at_limit,
     check_estimator,
+    parametrize_with_checks,
     check_exact_limit,
     conformance_limit,
     make_toy_problem,
+    models,
     pytest_plugin,
     run_estimate,
     toy_models,
@@ -147,24 +154,26 @@ BUILTINS = {
     "adjoint": Adjoint,
     "adjoint-gmres": Adjoint(Adjoint.Config(solver="gmres")),
 }
-VARIANTS = {  # other code paths, sampled more lightly
+VARIANTS = {  # other code paths
     "ep-one-sided": EP(EP.Config(centered=False)),
     "aep-clip": AEP(AEP.Config(clip=1.0)),
+    "adjoint-gmres": Adjoint(Adjoint.Config(solver="gmres")),
 }
 
 
-@pytest.mark.parametrize(("name", "examples"),
-                         [*((name, 25) for name in BUILTINS), *((name, 10) for name in VARIANTS)])
-def test_builtin_estimators_meet_the_contract(epx_check, name, examples):
-    """Finite gradients of the right shape for every parameter, hands off the model, deterministic.
-
-    Exactness (rule 5) is sampled by the properties above with the same kit function; not repeated here.
-    """
-    epx_check({**BUILTINS, **VARIANTS}[name], examples=examples, exact=False)
+@parametrize_with_checks([BPTT, EP, AEP, Adjoint, *VARIANTS.values()], examples=6)
+def test_builtin_estimators_meet_the_contract(estimator, check):
+    """Every check of the suite, on every built-in estimator and variant: the kit third parties run."""
+    check(estimator)
 
 
-def test_kit_checks_exactness_where_declared():
-    check_estimator(Adjoint, examples=4)  # rule 5 included
+def test_a_clean_report_lists_every_check():
+    report = check_estimator(AEP, examples=3)
+    assert report.passed and report.suite == SUITE_VERSION
+    assert [r.name for r in report.results] == list(CHECK_NAMES)
+    assert {r.status for r in report.results} == {"passed"}
+    skipped = {r.name for r in check_estimator(BPTT, examples=2).results if r.status == "skipped"}
+    assert skipped == {"exact_limit", "cost_scaling"}  # bptt declares no conformance_limit
 
 
 def test_kit_limits_of_the_builtins():
@@ -222,25 +231,93 @@ class Flawed:
                 grads["b"] = grads["b"][None]
             case "wrong dtype":
                 grads["W"] = grads["W"].float()
-            case "not exact":
+            case "sign flipped":
                 estimate.grads = {name: -g for name, g in grads.items()}
+            case "scaled per parameter":
+                grads["W"] = 3 * grads["W"]
+            case "normalised":
+                total = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+                estimate.grads = {name: g / total for name, g in grads.items()}
         return estimate
 
 
-@pytest.mark.parametrize(("flaw", "message"), [
-    ("writes param.grad", r"set W\.grad|changed b\.grad|never touch"),
-    ("changes a parameter", r"changed the model: \['b'\]"),
-    ("global randomness", r"not deterministic.*'W'"),
-    ("missing gradient", r"no gradient for parameters \['U'\]"),
-    ("non-finite", r"'U' has 1 non-finite"),
-    ("wrong shape", r"gradient of 'b' is \(1, \d\)"),
-    ("wrong dtype", r"'W' .*torch\.float32"),
-    ("not exact", r"declares itself exact .*cosine to bptt is"),
+def small_toys(*, conservative=None):
+    """Faster problems for the kit's own tests: weaker coupling contracts within 120 steps."""
+    return models(conservative=conservative, T1=120, max_units=5, max_coupling=0.5)
+
+
+def test_only_the_broken_rule_fails():
+    report = check_estimator(type("WritesGrad", (Flawed,), {"flaw": "writes param.grad"}), examples=3,
+                             models=small_toys, shrink=False, raise_on_failure=False)
+    assert [r.name for r in report.failures] == ["param_grad_untouched"]
+
+
+@pytest.mark.parametrize(("flaw", "check", "message"), [
+    ("writes param.grad", "param_grad_untouched", r"set W\.grad|changed b\.grad|never touch"),
+    ("changes a parameter", "model_untouched", r"changed the model: \['b'\]"),
+    ("global randomness", "deterministic", r"not deterministic.*'W'"),
+    ("missing gradient", "gradient_for_every_parameter", r"no gradient for parameters \['U'\]"),
+    ("non-finite", "finite_gradients", r"'U' has 1 non-finite"),
+    ("wrong shape", "gradient_shape_dtype_device", r"gradient of 'b' is \(1, \d\)"),
+    ("wrong dtype", "gradient_shape_dtype_device", r"'W' .*torch\.float32"),
+    ("sign flipped", "exact_limit", r"declares itself exact .*cosine to bptt is -1"),
+    ("scaled per parameter", "exact_limit", r"declares itself exact .*cosine to bptt is 0\.\d+ < 0\.999"),
+    ("normalised", "cost_scaling", r"gradient of (4|0\.25)·C is not"),
 ])
-def test_kit_catches_a_broken_estimator(flaw, message):
-    estimator = type(flaw.title(), (Flawed,), {"flaw": flaw})
-    with pytest.raises(AssertionError, match=message):
-        check_estimator(estimator, examples=3)
+def test_kit_names_the_check_a_broken_estimator_fails(flaw, check, message):
+    estimator = type(flaw.title().replace(" ", "").replace(".", ""), (Flawed,), {"flaw": flaw})
+    with pytest.raises(ConformanceError) as caught:
+        check_estimator(estimator, examples=4, checks=[check], models=small_toys)
+    failed = {r.name: r for r in caught.value.report.failures}
+    assert check in failed, caught.value.report
+    assert re.search(message, failed[check].message), failed[check].message
+    assert "Draw 1 (problem): make_toy_problem(" in failed[check].message  # Hypothesis's shrunk example
+
+
+def test_report_is_a_value_when_asked_and_expected_failures_are_xfail():
+    broken = type("SignFlipped", (Flawed,), {"flaw": "sign flipped"})
+    report = check_estimator(broken, examples=3, raise_on_failure=False, models=small_toys, shrink=False,
+                             expected_failed_checks={"exact_limit": "known sign bug"})
+    statuses = {r.name: r.status for r in report.results}
+    assert statuses["exact_limit"] == "xfail" and report.passed
+    assert "known sign bug" in next(r.message for r in report.results if r.name == "exact_limit")
+    clean = check_estimator(Flawed, examples=2, checks=["deterministic"],
+                            expected_failed_checks={"deterministic": "flaky"})
+    assert [r.status for r in clean.results] == ["xpass"]
+
+
+def test_a_pinned_suite_turns_newer_checks_into_warnings():
+    normalising = type("Normalised", (Flawed,), {"flaw": "normalised"})
+    report = check_estimator(normalising, examples=3, suite=1, checks=["cost_scaling", "deterministic"],
+                             models=small_toys, shrink=False)
+    assert report.passed
+    assert {r.name: r.status for r in report.results} == {"deterministic": "passed", "cost_scaling": "warning"}
+    with pytest.raises(ValueError, match="suite must be between 1"):
+        check_estimator(Flawed, suite=SUITE_VERSION + 1)
+    with pytest.raises(ValueError, match="unknown check"):
+        check_estimator(Flawed, checks=["determinstic"])
+
+
+def test_valid_configs_check_finds_an_estimator_that_crashes_on_a_valid_setting():
+    @dataclass(frozen=True)
+    class KConfig(Config):
+        k: int = option(2, "a knob", ge=1, le=10)
+
+    class CrashesAtLargeK(Flawed):
+        Config: ClassVar[type] = KConfig
+
+        def __init__(self, config: KConfig | None = None):
+            self.config = config or KConfig()
+
+        def estimate(self, model, batch, *, generator):
+            if self.config.k > 7:
+                raise IndexError("k out of range")
+            return BPTT().estimate(model, batch, generator=generator)
+
+    with pytest.raises(ConformanceError) as caught:
+        check_estimator(CrashesAtLargeK, examples=15, checks=["valid_configs"], models=small_toys)
+    message = caught.value.report.failures[0].message
+    assert "raised IndexError" in message and "Draw 1 (config):" in message
 
 
 def test_kit_catches_a_bad_declaration():
@@ -257,7 +334,7 @@ def test_kit_catches_naive_ep_claiming_any_stable_model():
     """Naive ep, mis-declared as exact for non-conservative models: the kit must find a counterexample."""
     claims_too_much = type("OverclaimingEP", (EP,), {"conformance_limit": "any-stable"})
     with pytest.raises(AssertionError, match=r"ep: declares itself exact in the limit 'any-stable'"):
-        check_estimator(claims_too_much, examples=8)
+        check_estimator(claims_too_much, examples=8, checks=["exact_limit"])
 
 
 def test_toy_problem_rebuilds_bit_identically():

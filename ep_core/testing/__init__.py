@@ -1,36 +1,52 @@
 """ep_core.testing — the conformance kit that every epx estimator, built-in or third-party, is run against.
 
-    from ep_core.testing import check_estimator
-    check_estimator(MyRule)                         # raises AssertionError naming the violated rule
+    from ep_core.testing import check_estimator, parametrize_with_checks
 
-or, with pytest (the ``epx`` pytest plugin is installed with epx), the fixture ``epx_check``::
+    report = check_estimator(MyRule)               # raises ConformanceError naming the failed checks
 
-    def test_my_rule(epx_check):
-        epx_check(MyRule)
+    @parametrize_with_checks([MyRule])
+    def test_epx_conformance(estimator, check):    # one pytest test per check
+        check(estimator)
 
-The rules, one function each, and the Hypothesis strategies they draw problems from, are exported below;
-:mod:`ep_core.testing.conformance` documents the contract.
+The checks (one function each, named in :data:`CHECK_NAMES`) and the contract are documented in
+:mod:`ep_core.testing.conformance`; the Hypothesis strategies they draw from are public in
+:mod:`ep_core.testing.strategies`. The ``epx`` pytest plugin adds the ``epx_registry`` and ``epx_check``
+fixtures, ``--epx-estimators`` and the Hypothesis profiles ``epx-ci`` and ``epx-dev``.
 """
 
 from ep_core.testing.conformance import (
+    CHECK_NAMES,
+    CHECKS,
     LIMIT_SETTINGS,
     LIMITS,
     MIN_COSINE,
+    SUITE_VERSION,
+    Check,
+    CheckResult,
+    ConformanceError,
+    ConformanceReport,
     at_limit,
+    check_cost_scaling,
     check_declarations,
     check_deterministic,
     check_estimator,
     check_exact_limit,
-    check_gradients,
-    check_leaves_model_untouched,
+    check_finite_gradients,
+    check_gradient_names,
+    check_gradient_shapes,
+    check_model_untouched,
+    check_param_grad_untouched,
     conformance_limit,
+    parametrize_with_checks,
     run_estimate,
 )
-from ep_core.testing.strategies import ToyProblem, make_toy_problem, toy_configs, toy_models
+from ep_core.testing.strategies import ToyProblem, batches, configs, make_toy_problem, models, seeds, toy_models
 
 __all__ = [
-    "LIMITS", "LIMIT_SETTINGS", "MIN_COSINE", "ToyProblem", "at_limit",
-    "check_declarations", "check_deterministic", "check_estimator", "check_exact_limit", "check_gradients",
-    "check_leaves_model_untouched", "conformance_limit", "make_toy_problem", "run_estimate", "toy_configs",
-    "toy_models",
+    "CHECKS", "CHECK_NAMES", "LIMITS", "LIMIT_SETTINGS", "MIN_COSINE", "SUITE_VERSION", "Check", "CheckResult",
+    "ConformanceError", "ConformanceReport", "ToyProblem", "at_limit", "batches", "check_cost_scaling",
+    "check_declarations", "check_deterministic", "check_estimator", "check_exact_limit", "check_finite_gradients",
+    "check_gradient_names", "check_gradient_shapes", "check_model_untouched", "check_param_grad_untouched",
+    "conformance_limit", "configs", "make_toy_problem", "models", "parametrize_with_checks", "run_estimate",
+    "seeds", "toy_models",
 ]

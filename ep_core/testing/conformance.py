@@ -1,46 +1,67 @@
-"""The conformance kit: the contract every epx estimator meets, checked on random toy models.
+"""The conformance kit: the contract every epx estimator meets, as named checks run on problems Hypothesis draws.
 
-    from ep_core.testing import check_estimator
+    from ep_core.testing import check_estimator, parametrize_with_checks
 
     def test_my_rule():
-        check_estimator(MyRule)            # a class (built from its default config) or an instance
+        check_estimator(MyRule)              # a class (built from its default config) or an instance
 
-A violation raises ``AssertionError`` naming the estimator, the rule and the parameter; Hypothesis adds the
-problem that broke it (``make_toy_problem(...)``, which rebuilds it). The rules (DESIGN.md, "Estimators"):
+    @parametrize_with_checks([MyRule, MyRule(MyRule.Config(k=3))])
+    def test_epx_conformance(estimator, check):   # one pytest test per (estimator, check)
+        check(estimator)
 
-1. declarations — ``name``, a default-constructible ``Config`` (an :class:`ep_core.config.Config`),
-   ``requires``, ``exact_limit``, and an instance attribute ``config``;
-2. gradients — a finite gradient for every named parameter, with that parameter's shape, dtype and device;
-3. hands off — parameter values, buffers and ``param.grad`` (``None`` stays ``None``) are bit-identical after
-   ``estimate``;
-4. deterministic — two runs with generators of the same seed give bit-identical gradients;
-5. exact where declared — in the limit the estimator declares, its cosine to :class:`ep_core.bptt.BPTT` is at
-   least 0.999, with its config moved toward the limit (``beta=1e-3``, ``T2=100`` where those fields exist).
+Each check is a small named function ``check_<name>(estimator, data, context)`` that draws its problem with
+``data.draw(...)`` inside ``@given(st.data())``, so Hypothesis shrinks a failure to a small problem and prints
+the draws (``make_toy_problem(...)``, which rebuilds it) in the failure message. The checks an estimator gets
+depend on what it declares:
 
-The limit is read from a class attribute ``conformance_limit: ClassVar[str | None]``, one of
+===========================  =====  ==================================================================
+check                        suite  what it asserts
+===========================  =====  ==================================================================
+declarations                 1      ``name``, a default-constructible ``Config``, ``requires``, ``exact_limit``,
+                                    a valid ``conformance_limit``, an instance ``config``
+gradient_for_every_parameter 1      one gradient per named parameter, and none for other names
+gradient_shape_dtype_device  1      each gradient has its parameter's shape, dtype and device
+finite_gradients             1      no NaN or inf
+model_untouched              1      parameters, buffers and train/eval mode bit-identical after ``estimate``
+param_grad_untouched         1      ``param.grad`` neither written nor changed
+deterministic                1      two runs with generators of the same seed: bit-identical gradients
+exact_limit                  1      with a ``conformance_limit``: cosine to bptt ≥ 0.999 on problems inside
+                                    the limit, with the config moved toward it (``limit_settings``)
+cost_scaling                 2      with a ``conformance_limit``: the gradient of k·C is k times the gradient
+                                    of C (cosine ≥ 0.999, norm within 1%) at the limit config
+valid_configs                2      any config inside the declared ranges gives finite gradients or a clear
+                                    ``EpxError`` (e.g. a diverged relaxation), never another exception
+===========================  =====  ==================================================================
 
-- ``"conservative"`` — exact on conservative models (symmetric Jacobian) at a converged stable fixed point;
-- ``"any-stable"`` — exact at any converged stable fixed point, conservative or not;
-- ``None`` — no exact limit the kit can sample (rule 5 is skipped).
+``conformance_limit`` is ``"conservative"`` (exact on conservative models at a converged stable fixed point),
+``"any-stable"`` (at any converged stable fixed point) or ``None`` (no exact limit: the numerical checks are
+skipped). An estimator may set ``limit_settings`` (a dict of config changes that move it toward its limit);
+otherwise :data:`LIMIT_SETTINGS` (``beta=1e-3``, ``T2=100``, for the fields its config has) is used.
 
-Every estimator declares it (the built-ins do; a class without it is treated as ``None``). Each rule is also a
-function (``check_gradients`` ...) that takes any model and batch.
+The suite is versioned (:data:`SUITE_VERSION`). ``check_estimator(..., suite=N)`` pins a plugin to version N:
+checks added after N still run, but their failures are reported as warnings, so a new epx release does not
+fail a plugin's CI without notice; moving the pin up makes them count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
 
 from ep_core.bptt import BPTT
 from ep_core.config import Config
 from ep_core.harness import CONVERGED_TOL, gradient_metrics
-from ep_core.models.toy import Toy
-from ep_core.protocols import Batch, GradientEstimate, parameter_groups
-from ep_core.testing.strategies import SEEDS, toy_models
+from ep_core.protocols import Batch, EpxError, GradientEstimate, parameter_groups
+from ep_core.testing import strategies
+
+SUITE_VERSION = 2
 
 LIMITS = ("conservative", "any-stable")
 LIMIT_SETTINGS: dict[str, Any] = {"beta": 1e-3, "T2": 100}
@@ -116,32 +137,56 @@ def check_declarations(estimator: Any) -> None:
     conformance_limit(cls)
 
 
-def check_gradients(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0,
-                    estimate: GradientEstimate | None = None) -> GradientEstimate:
-    """Rule 2: a finite gradient for every named parameter, with its shape, dtype and device; no others."""
-    estimate = estimate if estimate is not None else run_estimate(estimator, model, batch, seed=seed)
+def check_gradient_names(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """One gradient per named parameter of the model, and none for other names."""
+    estimate = run_estimate(estimator, model, batch, seed=seed)
     params = dict(model.named_parameters())
     missing, extra = sorted(set(params) - set(estimate.grads)), sorted(set(estimate.grads) - set(params))
     if missing:
         _fail(estimator, f"no gradient for parameters {missing}")
     if extra:
         _fail(estimator, f"gradients for names that are not parameters of the model: {extra}")
-    for name, p in params.items():
-        g = estimate.grads[name]
+
+
+def check_gradient_shapes(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """Each gradient is a tensor with its parameter's shape, dtype and device."""
+    estimate = run_estimate(estimator, model, batch, seed=seed)
+    for name, p in model.named_parameters():
+        g = estimate.grads.get(name)
+        if g is None:
+            continue  # check_gradient_names reports it
         if not isinstance(g, torch.Tensor):
             _fail(estimator, f"the gradient of {name!r} is a {type(g).__name__}, not a tensor")
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             _fail(estimator, f"the gradient of {name!r} is {tuple(g.shape)} {g.dtype} on {g.device}; "
                              f"the parameter is {tuple(p.shape)} {p.dtype} on {p.device}")
-        bad = int((~torch.isfinite(g)).sum())
+
+
+def check_finite_gradients(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """No NaN or inf in any gradient."""
+    for name, g in run_estimate(estimator, model, batch, seed=seed).grads.items():
+        bad = int((~torch.isfinite(g)).sum()) if isinstance(g, torch.Tensor) else 0
         if bad:
             _fail(estimator, f"the gradient of {name!r} has {bad} non-finite entries of {g.numel()}")
-    return estimate
 
 
-def check_leaves_model_untouched(estimator: Any, model: torch.nn.Module, batch: Batch, *,
-                                 seed: int = 0) -> GradientEstimate:
-    """Rule 3: parameters, buffers, train/eval mode and ``param.grad`` are the same after ``estimate``.
+def check_model_untouched(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """Parameters, buffers and train/eval mode are bit-identical after ``estimate``."""
+    before = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    training = model.training
+    run_estimate(estimator, model, batch, seed=seed)
+    after = model.state_dict()
+    if set(after) != set(before):
+        _fail(estimator, f"changed the model's parameters/buffers: {sorted(set(after) ^ set(before))}")
+    changed = [key for key, value in before.items() if not torch.equal(after[key], value)]
+    if changed:
+        _fail(estimator, f"changed the model: {changed} differ after estimate()")
+    if model.training != training:
+        _fail(estimator, "switched the model between train and eval mode")
+
+
+def check_param_grad_untouched(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """``param.grad`` is neither written nor changed.
 
     Every other parameter gets a sentinel ``.grad`` for the run (the rest ``None``), so that writing a fresh
     gradient and changing an existing one are both caught; the original ``.grad`` values are put back after.
@@ -152,33 +197,21 @@ def check_leaves_model_untouched(estimator: Any, model: torch.nn.Module, batch: 
         for i, (_, p) in enumerate(params):
             p.grad = torch.full_like(p, 0.125) if i % 2 == 0 else None
         sentinels = {name: None if p.grad is None else p.grad.clone() for name, p in params}
-        before = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        training = model.training
-        estimate = run_estimate(estimator, model, batch, seed=seed)
+        run_estimate(estimator, model, batch, seed=seed)
         for name, p in params:
             if sentinels[name] is None and p.grad is not None:
                 _fail(estimator, f"set {name}.grad, which was None; estimators return gradients in "
                                  f"GradientEstimate.grads and never write param.grad")
             if sentinels[name] is not None and (p.grad is None or not torch.equal(p.grad, sentinels[name])):
                 _fail(estimator, f"changed {name}.grad; estimators never touch param.grad")
-        after = model.state_dict()
-        if set(after) != set(before):
-            _fail(estimator, f"changed the model's parameters/buffers: {sorted(set(after) ^ set(before))}")
-        changed = [key for key, value in before.items() if not torch.equal(after[key], value)]
-        if changed:
-            _fail(estimator, f"changed the model: {changed} differ after estimate()")
-        if model.training != training:
-            _fail(estimator, "switched the model between train and eval mode")
-        return estimate
     finally:
         for (_, p), grad in zip(params, original_grads):
             p.grad = grad
 
 
-def check_deterministic(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0,
-                        first: GradientEstimate | None = None) -> None:
-    """Rule 4: two runs with generators seeded by ``seed`` give bit-identical gradients."""
-    first = first if first is not None else run_estimate(estimator, model, batch, seed=seed)
+def check_deterministic(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """Two runs with generators seeded by ``seed`` give bit-identical gradients."""
+    first = run_estimate(estimator, model, batch, seed=seed)
     second = run_estimate(estimator, model, batch, seed=seed)
     if set(first.grads) != set(second.grads):
         _fail(estimator, "two runs with the same seed returned gradients for different parameters")
@@ -193,7 +226,7 @@ def check_deterministic(estimator: Any, model: torch.nn.Module, batch: Batch, *,
 def check_exact_limit(estimator: Any, model: torch.nn.Module, batch: Batch, *, min_cosine: float = MIN_COSINE,
                       settings: Mapping[str, Any] = LIMIT_SETTINGS, seed: int = 0,
                       reference: GradientEstimate | None = None) -> dict[str, Any]:
-    """Rule 5 on one problem: cosine to bptt ≥ ``min_cosine`` with the config moved toward its limit.
+    """Cosine to bptt ≥ ``min_cosine`` on one problem, with the config moved toward the estimator's limit.
 
     The caller picks a problem inside the estimator's limit (see :func:`conformance_limit`); its free phase
     must have converged. Returns :func:`ep_core.harness.gradient_metrics` of the estimate against bptt.
@@ -219,38 +252,287 @@ def check_exact_limit(estimator: Any, model: torch.nn.Module, batch: Batch, *, m
     return metrics
 
 
-# --- everything at once -------------------------------------------------------------------------------------
+# --- the named checks ---------------------------------------------------------------------------------------
 
-def check_estimator(estimator: Any, *, examples: int = 25, exact: bool = True, min_cosine: float = MIN_COSINE,
-                    limit_settings: Mapping[str, Any] = LIMIT_SETTINGS, derandomize: bool = True,
-                    shrink: bool = False) -> None:
-    """Check rules 1–5 on ``examples`` random toy models (conservative and not, float64, 1–4 samples).
+@dataclass(frozen=True)
+class Context:
+    """What every check draws from and compares against."""
 
-    ``estimator`` is a class (built from its default config) or an instance (checked with its config).
-    ``exact=False`` skips rule 5. ``derandomize`` (the default) draws the same problems on every run, as a CI
-    check should; ``shrink=True`` lets Hypothesis look for a smaller failing problem (slow: estimators are).
-    Raises AssertionError at the first violation.
+    models: Callable[..., st.SearchStrategy]
+    """``models(conservative=None | bool)``: a strategy of problems (``model, batch = problem``)."""
+    min_cosine: float = MIN_COSINE
+    limit_settings: Mapping[str, Any] | None = None
+
+    def problem(self, data: st.DataObject, conservative: bool | None = None) -> Any:
+        return data.draw(self.models(conservative=conservative), label="problem")
+
+
+def _draw(data: st.DataObject, context: Context, conservative: bool | None = None) -> tuple[Any, Batch, int]:
+    problem = context.problem(data, conservative)
+    model, batch = problem
+    return model, batch, data.draw(strategies.seeds(), label="seed")
+
+
+def _limit_settings(estimator: Any, context: Context) -> Mapping[str, Any]:
+    if context.limit_settings is not None:
+        return context.limit_settings
+    return getattr(type(estimator), "limit_settings", LIMIT_SETTINGS)
+
+
+def _run_declarations(estimator: Any, data: st.DataObject, context: Context) -> None:
+    check_declarations(estimator)
+
+
+def _on_a_problem(rule: Callable[..., None]) -> Callable[[Any, st.DataObject, Context], None]:
+    """A check that draws a problem and a seed, then applies ``rule`` to them."""
+    def run(estimator: Any, data: st.DataObject, context: Context) -> None:
+        model, batch, seed = _draw(data, context)
+        rule(estimator, model, batch, seed=seed)
+    return run
+
+
+def _run_exact_limit(estimator: Any, data: st.DataObject, context: Context) -> None:
+    limit = conformance_limit(estimator)
+    model, batch, seed = _draw(data, context, conservative=True if limit == "conservative" else None)
+    reference = run_estimate(BPTT(), model, batch, seed=seed)
+    # Only a converged free phase has an exact limit, and a zero gradient has no direction to compare.
+    assume(reference.stats.get("residual", math.inf) <= CONVERGED_TOL)
+    assume(any(bool(g.any()) for g in reference.grads.values()))
+    check_exact_limit(estimator, model, batch, min_cosine=context.min_cosine,
+                      settings=_limit_settings(estimator, context), seed=seed, reference=reference)
+
+
+class _ScaledCost:
+    """``model`` with its cost multiplied by ``factor``; everything else, parameters included, is the model's."""
+
+    def __init__(self, model: torch.nn.Module, factor: float):
+        self._model, self._factor = model, factor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def cost(self, state: Any, batch: Batch) -> torch.Tensor:
+        return self._factor * self._model.cost(state, batch)
+
+
+def check_cost_scaling(estimator: Any, model: torch.nn.Module, batch: Batch, *, factor: float, seed: int = 0,
+                       min_cosine: float = MIN_COSINE) -> None:
+    """The estimate for the cost k·C is k times the estimate for C (cosine ≥ ``min_cosine``, norm within 1%).
+
+    True of every estimator in its exact limit, since the exact gradient is linear in C; a rule that normalises
+    its update, or whose nudging does not scale with the cost, fails it. Apply it at the limit config.
+    """
+    plain = run_estimate(estimator, model, batch, seed=seed).grads
+    scaled = run_estimate(estimator, _ScaledCost(model, factor), batch, seed=seed).grads
+    metrics = gradient_metrics(scaled, {name: factor * g for name, g in plain.items()}, parameter_groups(model))
+    if metrics["cosine"] is None:
+        return  # a zero gradient scales trivially
+    if not (metrics["cosine"] >= min_cosine and abs(metrics["norm_ratio"] - 1) <= 0.01):
+        _fail(estimator, f"the gradient of {factor:g}·C is not {factor:g} times the gradient of C: cosine "
+                         f"{metrics['cosine']:.6f}, norm ratio {metrics['norm_ratio']:.4f} (config "
+                         f"{estimator.config.to_dict()})")
+
+
+def _run_cost_scaling(estimator: Any, data: st.DataObject, context: Context) -> None:
+    limit = conformance_limit(estimator)
+    model, batch, seed = _draw(data, context, conservative=True if limit == "conservative" else None)
+    factor = data.draw(st.sampled_from([0.25, 4.0]), label="factor")
+    check_cost_scaling(at_limit(estimator, _limit_settings(estimator, context)), model, batch, factor=factor,
+                       seed=seed, min_cosine=context.min_cosine)
+
+
+def _run_valid_configs(estimator: Any, data: st.DataObject, context: Context) -> None:
+    config = data.draw(strategies.configs(type(estimator)), label="config")
+    model, batch, seed = _draw(data, context)
+    candidate = type(estimator)(config)
+    try:
+        estimate = run_estimate(candidate, model, batch, seed=seed)
+    except EpxError:
+        return  # a clear, expected failure (e.g. divergence for an aggressive config)
+    except Exception as exc:  # noqa: BLE001 - the violation being checked for
+        _fail(estimator, f"with the valid config {config.to_dict()} estimate() raised {type(exc).__name__}: "
+                         f"{exc}; raise an ep_core.protocols.EpxError (or a subclass) for expected failures")
+    broken = [name for name, g in estimate.grads.items() if not bool(torch.isfinite(g).all())]
+    if broken:
+        _fail(estimator, f"with the valid config {config.to_dict()} the gradients of {broken} are not finite "
+                         f"and no EpxError was raised")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    since: int
+    run: Callable[[Any, st.DataObject, Context], None]
+    needs_limit: bool = False
+    draws: bool = True
+
+    def __call__(self, estimator: Any, **options: Any) -> None:
+        """Run this check alone (what :func:`parametrize_with_checks`' tests call); raise on a violation."""
+        report = check_estimator(estimator, checks=[self.name], raise_on_failure=False, **options)
+        result = report.results[0]
+        if result.status == "failed":
+            raise AssertionError(result.message)
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("declarations", 1, _run_declarations, draws=False),
+    Check("gradient_for_every_parameter", 1, _on_a_problem(check_gradient_names)),
+    Check("gradient_shape_dtype_device", 1, _on_a_problem(check_gradient_shapes)),
+    Check("finite_gradients", 1, _on_a_problem(check_finite_gradients)),
+    Check("model_untouched", 1, _on_a_problem(check_model_untouched)),
+    Check("param_grad_untouched", 1, _on_a_problem(check_param_grad_untouched)),
+    Check("deterministic", 1, _on_a_problem(check_deterministic)),
+    Check("exact_limit", 1, _run_exact_limit, needs_limit=True),
+    Check("cost_scaling", 2, _run_cost_scaling, needs_limit=True),
+    Check("valid_configs", 2, _run_valid_configs),
+)
+CHECK_NAMES = tuple(check.name for check in CHECKS)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    """"passed", "failed", "xfail" (failed, and expected to), "xpass" (expected to fail, but passed),
+    "warning" (failed, but newer than the pinned suite) or "skipped" (does not apply)."""
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ConformanceReport:
+    estimator: str
+    suite: int
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def __str__(self) -> str:
+        lines = [f"epx conformance suite {self.suite} for {self.estimator}:"]
+        for r in self.results:
+            lines.append(f"  {r.name:30} {r.status:8} {r.seconds:6.2f} s" + (f"  {r.message}" if r.message else ""))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"estimator": self.estimator, "suite": self.suite, "passed": self.passed,
+                "results": [vars(r) for r in self.results]}
+
+
+class ConformanceError(AssertionError):
+    """Raised by :func:`check_estimator` when a check failed; ``report`` has every result."""
+
+    def __init__(self, report: ConformanceReport):
+        messages = "\n\n".join(f"[{r.name}] {r.message}" for r in report.failures)
+        super().__init__(f"{len(report.failures)} check(s) failed for {report.estimator}:\n{messages}")
+        self.report = report
+
+
+def _message(exc: BaseException) -> str:
+    """The violation, and the draws Hypothesis reports for the (shrunk) falsifying example."""
+    notes = [n for n in getattr(exc, "__notes__", []) if n.startswith("Draw ") or "Falsifying" in n]
+    text = str(exc)
+    return text + ("\n" + "\n".join(notes) if notes else "")
+
+
+def check_estimator(estimator: Any, *, models: Callable[..., st.SearchStrategy] | None = None,
+                    expected_failed_checks: Mapping[str, str] | None = None, checks: Iterable[str] | None = None,
+                    examples: int = 10, suite: int | None = None, min_cosine: float = MIN_COSINE,
+                    limit_settings: Mapping[str, Any] | None = None, derandomize: bool = True,
+                    shrink: bool = True, raise_on_failure: bool = True) -> ConformanceReport:
+    """Run the conformance checks on ``estimator`` and return a :class:`ConformanceReport`.
+
+    ``estimator`` is a class (built from its default config) or an instance. ``models(conservative=...)``
+    returns a strategy of problems (default :func:`ep_core.testing.strategies.models`); ``checks`` restricts the
+    run to some check names; ``expected_failed_checks`` maps check names to the reason they are known to fail
+    (reported as "xfail"); ``suite`` pins the suite version (module docstring). Each drawing check runs on
+    ``examples`` problems; ``derandomize`` draws the same ones on every run, as CI wants; ``shrink`` lets
+    Hypothesis shrink a failure to a small problem before reporting it. Raises :class:`ConformanceError` when a
+    check failed, unless ``raise_on_failure`` is false.
     """
     if examples < 1:
         raise ValueError(f"examples must be >= 1, got {examples}")
-    check_declarations(estimator)
-    estimator = as_estimator(estimator)
-    if not isinstance(Toy(generator=torch.Generator().manual_seed(0)), estimator.requires):
-        raise TypeError(f"{_name(estimator)} needs a {estimator.requires.__name__}; the conformance kit "
-                        f"samples toy equilibrium models only")
-    limit = conformance_limit(estimator) if exact else None
+    suite = SUITE_VERSION if suite is None else suite
+    if not 1 <= suite <= SUITE_VERSION:
+        raise ValueError(f"suite must be between 1 and {SUITE_VERSION}, got {suite}")
+    expected = dict(expected_failed_checks or {})
+    selected = list(CHECK_NAMES if checks is None else checks)
+    unknown = sorted((set(selected) | set(expected)) - set(CHECK_NAMES))
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; valid: {', '.join(CHECK_NAMES)}")
+    context = Context(models=models or strategies.models, min_cosine=min_cosine, limit_settings=limit_settings)
+    report = ConformanceReport(_name(estimator), suite)
+    instance: Any = None
+    for check in CHECKS:
+        if check.name not in selected:
+            continue
+        started = time.perf_counter()
+        result = CheckResult(check.name, "passed")
+        try:
+            if check.name != "declarations":
+                if instance is None:
+                    check_declarations(estimator)
+                    instance = as_estimator(estimator)
+                if check.needs_limit and conformance_limit(instance) is None:
+                    result.status, result.message = "skipped", "no conformance_limit declared"
+                    report.results.append(result)
+                    continue
+            _run_check(check, estimator if instance is None else instance, context, examples=examples,
+                       derandomize=derandomize, shrink=shrink)
+        except Exception as exc:  # noqa: BLE001 - an estimator that raises has failed the check
+            text = _message(exc)
+            result.status = "failed"
+            result.message = text if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {text}"
+        if result.status == "failed" and check.name in expected:
+            result.status, result.message = "xfail", f"{expected[check.name]} ({result.message.splitlines()[0]})"
+        elif result.status == "passed" and check.name in expected:
+            result.status, result.message = "xpass", f"expected to fail ({expected[check.name]}) but passed"
+        elif result.status == "failed" and check.since > suite:
+            result.status = "warning"
+            result.message = f"new in suite {check.since} (pinned to {suite}): {result.message}"
+        result.seconds = time.perf_counter() - started
+        report.results.append(result)
+        if check.name == "declarations" and result.status == "failed":
+            break  # nothing else can run on an estimator that cannot be built
+    if raise_on_failure and not report.passed:
+        raise ConformanceError(report)
+    return report
+
+
+def _run_check(check: Check, estimator: Any, context: Context, *, examples: int, derandomize: bool,
+               shrink: bool) -> None:
+    if not check.draws:
+        check.run(estimator, None, context)
+        return
     phases = tuple(Phase) if shrink else (Phase.explicit, Phase.generate)
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize, phases=phases,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.nested_given])
-    @given(problem=toy_models(), seed=SEEDS)
-    def conforms(problem, seed):
-        model, batch = problem
-        first = check_leaves_model_untouched(estimator, model, batch, seed=seed)
-        check_gradients(estimator, model, batch, estimate=first)
-        check_deterministic(estimator, model, batch, seed=seed, first=first)
-        if limit == "any-stable" or (limit == "conservative" and problem.config.conservative):
-            check_exact_limit(estimator, model, batch, min_cosine=min_cosine, settings=limit_settings,
-                              seed=seed)
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+    @given(data=st.data())
+    def conforms(data: st.DataObject) -> None:
+        check.run(estimator, data, context)
 
     conforms()
+
+
+def parametrize_with_checks(estimators: Sequence[Any], *, checks: Iterable[str] | None = None,
+                            **options: Any) -> Any:
+    """A ``pytest.mark.parametrize`` over every (estimator, check) pair, ids like ``"aep-deterministic"``.
+
+    The decorated test receives ``estimator`` and ``check``; ``check(estimator)`` runs that one check with
+    ``options`` (those of :func:`check_estimator`: ``models``, ``examples``, ``suite``, ...).
+    """
+    import functools
+
+    import pytest
+
+    selected = [c for c in CHECKS if checks is None or c.name in set(checks)]
+    pairs = [(estimator, functools.partial(check, **options) if options else check)
+             for estimator in estimators for check in selected]
+    ids = [f"{_name(e)}-{c.name}" for e in estimators for c in selected]
+    return pytest.mark.parametrize(("estimator", "check"), pairs, ids=ids)

@@ -1,12 +1,20 @@
 """Hypothesis strategies for epx: small random problems on which estimators can be checked.
 
-    from hypothesis import given
-    from ep_core.testing.strategies import toy_models
+    from hypothesis import given, strategies as st
+    from ep_core.testing.strategies import batches, configs, models, seeds
 
-    @given(toy_models(conservative=False))
-    def test_my_rule(problem):
+    @given(models(conservative=False), seeds())
+    def test_my_rule(problem, seed):
         model, batch = problem
         ...
+
+    @given(st.data())
+    def test_any_config(data):
+        config = data.draw(configs(MyRule))          # any config inside the declared ranges
+        problem = data.draw(models())
+        batch = data.draw(batches(problem.model))    # another batch for the same model
+
+Every strategy takes keyword arguments only.
 
 A drawn :class:`ToyProblem` prints as the call that rebuilds it (``make_toy_problem(...)``; also
 ``problem.rebuild()``), so a failing example that Hypothesis reports can be reproduced outside Hypothesis.
@@ -14,13 +22,17 @@ A drawn :class:`ToyProblem` prints as the call that rebuilds it (``make_toy_prob
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
 
+from ep_core.config import Config
 from ep_core.models.toy import Toy, ToyConfig
-from ep_core.protocols import Batch
+from ep_core.protocols import Batch, EquilibriumModel
 
 T1 = 300
 """Free-phase steps at ``EPS``. At a toy's fixed point every eigenvalue of J = ∂F/∂x has real part at most
@@ -40,6 +52,10 @@ class ToyProblem:
     batch_size: int
     batch_seed: int
     dtype: torch.dtype = torch.float64
+
+    @property
+    def conservative(self) -> bool:
+        return self.config.conservative
 
     def __iter__(self):
         """``model, batch = problem``."""
@@ -69,6 +85,11 @@ def make_toy_problem(config: ToyConfig, *, init_seed: int, batch_size: int, batc
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
 
 
+def seeds() -> st.SearchStrategy[int]:
+    """Seeds for ``torch.Generator.manual_seed``."""
+    return SEEDS
+
+
 @st.composite
 def toy_configs(draw: st.DrawFn, conservative: bool | None = None, *, T1: int = T1, eps: float = EPS,
                 max_units: int = 8, max_coupling: float = 0.7) -> ToyConfig:
@@ -96,3 +117,83 @@ def toy_models(draw: st.DrawFn, conservative: bool | None = None, *, T1: int = T
     config = draw(toy_configs(conservative, T1=T1, eps=eps, max_units=max_units, max_coupling=max_coupling))
     return make_toy_problem(config, init_seed=draw(SEEDS), batch_size=draw(st.integers(1, 4)),
                             batch_seed=draw(SEEDS), dtype=dtype)
+
+
+def models(*, protocol: type = EquilibriumModel, conservative: bool | None = None, T1: int = T1, eps: float = EPS,
+           max_units: int = 8, max_coupling: float = 0.7,
+           dtype: torch.dtype = torch.float64) -> st.SearchStrategy[ToyProblem]:
+    """Problems (``model, batch = problem``) whose model satisfies ``protocol``: random converging toys.
+
+    ``conservative`` None draws both kinds; ``problem.conservative`` says which was drawn. The toys are float64
+    and tiny (3–8 units), so a check runs in milliseconds; their free phase converges within the default T1.
+    A smaller ``max_coupling`` contracts faster (at most 1 − eps·(1 − max_coupling) per step) and allows a
+    smaller T1.
+    """
+    probe = Toy(ToyConfig(), generator=torch.Generator().manual_seed(0))
+    if not isinstance(probe, protocol):
+        raise TypeError(f"the kit draws toy equilibrium models; they do not satisfy {protocol.__name__}")
+    return toy_models(conservative, T1=T1, eps=eps, max_units=max_units, max_coupling=max_coupling, dtype=dtype)
+
+
+@st.composite
+def batches(draw: st.DrawFn, model: torch.nn.Module, *, max_size: int = 4) -> Batch:
+    """A batch of 1–``max_size`` samples for ``model``: its own ``make_batch`` for synthetic-data models; random
+    token ids or images in [0, 1] for text and image models, prepared by the model."""
+    size = draw(st.integers(1, max_size))
+    generator = torch.Generator().manual_seed(draw(SEEDS))
+    kind = getattr(model, "data", "images")
+    if kind == "synthetic":
+        return model.make_batch(size, generator=generator)
+    parameter = next(model.parameters())
+    if kind == "text":
+        cfg = model.config
+        tokens = torch.randint(cfg.vocab, (size, cfg.context + 1), generator=generator)
+        return model.prepare_batch(tokens[:, :-1], tokens[:, 1:], generator=generator)
+    cfg = model.config
+    images = torch.rand(size, cfg.channels, cfg.image, cfg.image, generator=generator, dtype=parameter.dtype)
+    return model.prepare_batch(images, torch.zeros(size, dtype=torch.long), generator=generator)
+
+
+@st.composite
+def configs(draw: st.DrawFn, estimator: Any, *, max_int: int = 50) -> Config:
+    """A config of ``estimator`` (class or instance) with every field drawn inside its declared range.
+
+    Floats are drawn log-uniformly where the range allows (β = 1e-4 and β = 0.5 are equally likely), integers
+    up to ``max_int`` above their lower bound; choices and booleans uniformly; optional fields are None one time
+    in four.
+    """
+    cls = estimator if isinstance(estimator, type) else type(estimator)
+    config_cls = cls.Config
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(config_cls):
+        kind, nullable = config_cls.field_types()[f.name]
+        meta = f.metadata
+        if nullable and draw(st.integers(0, 3)) == 0:
+            values[f.name] = None
+            continue
+        values[f.name] = draw(_value(kind, meta, f.default, max_int))
+    return config_cls(**values)
+
+
+def _value(kind: type, meta: Any, default: Any, max_int: int) -> st.SearchStrategy:
+    if meta.get("choices"):
+        return st.sampled_from(meta["choices"])
+    if kind is bool:
+        return st.booleans()
+    low = meta.get("ge") if meta.get("ge") is not None else meta.get("gt")
+    high = meta.get("le") if meta.get("le") is not None else meta.get("lt")
+    exclude_low, exclude_high = meta.get("gt") is not None, meta.get("lt") is not None
+    if kind is int:
+        start = int(low) + (1 if exclude_low else 0) if low is not None else 0
+        stop = int(high) - (1 if exclude_high else 0) if high is not None else start + max_int
+        return st.integers(start, max(start, stop))
+    if kind is float:
+        if low is not None and low >= 0 and high is None:
+            # log-uniform over (low, default·100]: the scale is what matters for step sizes and strengths
+            floor = max(low, 1e-6 if default is None or default == 0 else default * 1e-3)
+            ceiling = max(floor * 10, (default or 1.0) * 10)
+            return st.floats(math.log(floor), math.log(ceiling)).map(math.exp).filter(
+                lambda v: v > low if exclude_low else v >= low)
+        return st.floats(low if low is not None else -1e3, high if high is not None else 1e3,
+                         exclude_min=exclude_low, exclude_max=exclude_high, allow_nan=False)
+    return st.just(default)

@@ -160,10 +160,12 @@ def test_cli_reference_documents_every_option():
 
 
 def test_check_passes_builtins_and_fails_a_broken_estimator(epx, monkeypatch):
-    ok = epx("check", "adjoint", "--examples", "3")
+    ok = epx("check", "adjoint", "bptt", "--examples", "2", "--json")
     assert ok.exit_code == 0, ok.stderr
-    assert "meets the epx contract on 3 random toy problems" in ok.stdout
-    assert "exact in its declared limit (any-stable)" in ok.stdout
+    reports = {r["estimator"]: r for r in json.loads(ok.stdout)}
+    assert {r["status"] for r in reports["adjoint"]["results"]} == {"passed"}
+    bptt = {r["name"]: r["status"] for r in reports["bptt"]["results"]}
+    assert bptt["exact_limit"] == bptt["cost_scaling"] == "skipped" and bptt["deterministic"] == "passed"
 
     from ep_core.bptt import BPTT
     from ep_core.plugins import hookimpl, load
@@ -185,6 +187,10 @@ def test_check_passes_builtins_and_fails_a_broken_estimator(epx, monkeypatch):
             register("sloppy", Sloppy)
 
     monkeypatch.setattr(cli_main, "registry", lambda: load(plugins=[("sloppy", Plugin())], entry_points=False))
-    broken = epx("check", "sloppy", "--examples", "2")
+    broken = epx("check", "sloppy", "--examples", "2", "--check", "param_grad_untouched", "--check", "deterministic")
     assert broken.exit_code == 3
-    assert "grad" in broken.stderr
+    assert "the contract is not met by: sloppy" in broken.stderr
+    assert "param_grad_untouched" in broken.stdout and "failed" in broken.stdout
+    assert "never touch param.grad" in broken.stdout.replace("\n", "")
+    typo = epx("check", "sloppy", "--check", "determinstic")
+    assert typo.exit_code == 2

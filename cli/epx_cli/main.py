@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ep_core.config import ConfigError
 from ep_core.files import write_atomic
@@ -302,34 +303,61 @@ def main() -> None:
     cli(prog_name="epx")
 
 
+STATUS_STYLE = {"passed": "green", "failed": "bold red", "xfail": "yellow", "xpass": "yellow", "warning": "yellow",
+                "skipped": "dim"}
+
+
 @cli.command()
-@click.argument("name")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Check the estimator with this option.")
-@click.option("--examples", default=25, show_default=True, type=click.IntRange(min=1),
-              help="Random toy problems to check on.")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Check the estimators with this option (as in compare: beta=0.01 or aep.clip=1).")
+@click.option("--examples", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Random problems per check.")
+@click.option("--check", "checks", multiple=True, metavar="CHECK", help="Run only this check (repeatable).")
+@click.option("--suite", type=click.IntRange(min=1), default=None,
+              help="Pin the suite version: failures of newer checks are warnings. Default: the latest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON instead of tables.")
 @handle_errors
-def check(name: str, settings: tuple[str, ...], examples: int) -> None:
-    """Run the conformance suite (ep_core.testing.check_estimator) on estimator NAME, without pytest.
+def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, checks: tuple[str, ...],
+          suite: int | None, as_json: bool) -> None:
+    """Run the conformance suite (ep_core.testing.check_estimator) on the estimators NAMES, without pytest.
 
-    Exit 0 when it meets the contract, 3 when it does not (the violated rule is printed).
+    Every named check is listed with its status and time; a failure shows the violated rule and the (shrunk)
+    problem Hypothesis found. Exit 0 when every estimator meets the contract, 3 when one does not.
+
+    \b
+    epx check ep aep adjoint
+    epx check aep --set clip=1 --examples 25
     """
-    from ep_core.session import build_estimator, parse_settings
-    from ep_core.testing import LIMIT_SETTINGS, check_estimator, conformance_limit
+    from ep_core.session import parse_settings, split_estimator_settings
+    from ep_core.testing import CHECK_NAMES, check_estimator
 
-    estimator = build_estimator(registry(), name, parse_settings(settings, "--set"))
-    limit = conformance_limit(estimator)
-    with err.status(f"checking {name} on {examples} random toy problems"):
-        try:
-            check_estimator(estimator, examples=examples)
-        except AssertionError as exc:
-            fail(str(exc).splitlines()[0], EXIT_THRESHOLD)
-    moved = {k: v for k, v in LIMIT_SETTINGS.items() if k in estimator.config.to_dict()}
-    exactness = (f"exact in its declared limit ({limit}"
-                 + (f"; checked with {', '.join(f'{k}={v}' for k, v in moved.items())})" if moved else ")")
-                 if limit else "no exact limit declared")
-    out.print(f"{name}: meets the epx contract on {examples} random toy problems — finite gradients for every "
-              f"parameter, model and param.grad untouched, deterministic, {exactness}", highlight=False,
-              soft_wrap=True)
+    unknown = [c for c in checks if c not in CHECK_NAMES]
+    if unknown:
+        raise ConfigError("check", f"unknown check(s) {unknown}; valid: {', '.join(CHECK_NAMES)}")
+    reg = registry()
+    classes = {name: reg.get("estimator", name).factory for name in dict.fromkeys(names)}
+    routed = split_estimator_settings(parse_settings(settings, "--set"), classes)
+    reports = []
+    for name, cls in classes.items():
+        estimator = cls(cls.Config.from_mapping(routed[name]))
+        with err.status(f"checking {name}: {len(checks) or len(CHECK_NAMES)} checks × {examples} problems"):
+            reports.append(check_estimator(estimator, examples=examples, checks=checks or None, suite=suite,
+                                           raise_on_failure=False))
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in reports], indent=2))
+    for report in reports if not as_json else []:
+        table = Table(title=f"{report.estimator}: epx conformance suite {report.suite}", title_justify="left",
+                      header_style="bold")
+        for column in ("check", "status", "seconds", "detail"):
+            table.add_column(column, overflow="fold")
+        for result in report.results:
+            table.add_row(result.name, Text(result.status, style=STATUS_STYLE[result.status]),
+                          f"{result.seconds:.2f}", result.message)
+        out.print(table)
+    failed = [r.estimator for r in reports if not r.passed]
+    if failed:
+        fail(f"the contract is not met by: {', '.join(failed)}", EXIT_THRESHOLD)
 
 
 def _add_commands() -> None:

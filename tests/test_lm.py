@@ -139,3 +139,21 @@ def test_seed_002_comparison_on_real_shakespeare(real_data_dir):
     ep = next(r for r in result["results"] if r["label"] == "ep")["metrics"]
     assert aep["groups"]["attention"] > 0.97
     assert aep["groups"]["attention"] > ep["groups"]["attention"] + 0.05
+
+
+def test_compare_on_lm_prints_stability_and_per_parameter_cosines():
+    from click.testing import CliRunner
+
+    from epx_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["compare", "ep", "aep", "--model", "lm", "--data", "sample", "--model-set",
+                                      "context=16", "--model-set", "width=32", "--batch-size", "4",
+                                      "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ρ(J_G) = " in result.output and "(stable fixed point)" in result.output
+    assert "per-parameter cosine to bptt" in result.output
+    assert all(name in result.output for name in ("W_Q", "W_K", "W_V", "W_O"))
+    hidden = CliRunner().invoke(cli, ["compare", "ep", "--model", "lm", "--data", "sample", "--model-set",
+                                      "context=16", "--model-set", "width=32", "--batch-size", "4",
+                                      "--repeats", "1", "--no-per-parameter"])
+    assert hidden.exit_code == 0 and "per-parameter cosine" not in hidden.output

@@ -26,6 +26,7 @@ from ep_core.protocols import EpxError
 from epx_cli.render import comparison_notes, comparison_table, parameter_table
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_THRESHOLD = 1, 2, 3
+PER_PARAMETER_AUTO = 6
 
 # Piped output keeps every column of the comparison table instead of wrapping at rich's default 80.
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -262,20 +263,22 @@ def warn(message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparison as JSON to this file (atomically).")
-@click.option("--per-parameter", is_flag=True, help="Also show the cosine of every parameter's gradient.")
+@click.option("--per-parameter/--no-per-parameter", default=None,
+              help="Also show the cosine of every parameter's gradient. Default: shown for models with at most "
+                   f"{PER_PARAMETER_AUTO} parameters (lm, toy), not for larger ones (cet).")
 @click.option("--min-cosine", type=float, default=None,
               help="Exit 3 unless every estimator's overall cosine to the reference is at least this.")
 @handle_errors
 def compare(estimators: tuple[str, ...], model_name: str, reference: str, settings: tuple[str, ...],
             model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, batch_size: int,
             seed: int, device: str, dtype: str, repeats: int, as_json: bool, out_file: Path | None,
-            per_parameter: bool, min_cosine: float | None) -> None:
+            per_parameter: bool | None, min_cosine: float | None) -> None:
     """Compare ESTIMATORS against the reference gradient on one model and batch.
 
     \b
     epx compare aep bptt --model cet
     epx compare ep aep adjoint --model cet --model-set s=0.5 --dtype float64 --set beta=0.001
-    epx compare ep aep bptt --model lm --set aep.clip=1 --per-parameter
+    epx compare ep aep bptt --model lm --set aep.clip=1
     """
     from ep_core.session import parse_settings, run_comparison
 
@@ -290,6 +293,8 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
             data=data, data_dir=data_dir, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
             repeats=repeats, download=not no_download, warn=warn, progress=progress)
     result = comparison.to_json()
+    if per_parameter is None:
+        per_parameter = len(result["results"][0]["metrics"]["parameters"]) <= PER_PARAMETER_AUTO
     tables = [comparison_table(result)] + ([parameter_table(result)] if per_parameter else [])
     emit(result, tables, comparison_notes(result), as_json=as_json, out_file=out_file)
     if min_cosine is not None:

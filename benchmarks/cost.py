@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from ep_core.files import write_atomic
 from ep_core.harness import measure
 from ep_core.plugins import load
 from ep_core.session import build_batch, build_estimator, build_model, load_data, parse_settings
@@ -55,8 +56,8 @@ def main() -> int:
     verdict = "ok" if ratio <= AEP_OVER_EP_LIMIT else "FAIL"
     print(f"aep / ep = {ratio:.2f} (limit {AEP_OVER_EP_LIMIT}): {verdict}")
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump({"device": device, "median_ms": median, "ms": times, "aep_over_ep": ratio}, handle, indent=2)
+        write_atomic(args.out, json.dumps({"device": device, "median_ms": median, "ms": times,
+                                           "aep_over_ep": ratio}, indent=2))
     return 0 if ratio <= AEP_OVER_EP_LIMIT else 3
 
 

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from ep_core.files import write_atomic
 from ep_core.harness import measure
 from ep_core.plugins import load
 from ep_core.session import build_batch, build_estimator, build_model, load_data
@@ -62,8 +63,8 @@ def main() -> int:
             failed.append(name)
     print("constant-memory estimators within 1.2x: " + ("FAIL " + ", ".join(failed) if failed else "ok"))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name(), "peak_bytes": peaks, "ms": ms}, handle, indent=2)
+        write_atomic(args.out, json.dumps({"device": torch.cuda.get_device_name(), "peak_bytes": peaks, "ms": ms},
+                                          indent=2))
     return 3 if failed else 0
 
 

@@ -84,7 +84,10 @@ class Estimator(Protocol):
     requires: ClassVar[type]
     exact_limit: ClassVar[str]
     conformance_limit: ClassVar[str | None]
-    """What ep_core.testing samples to check exactness: "conservative", "any-stable" or None."""
+    """What ep_core.testing samples to check exactness: "conservative", "any-stable" or None. Optional class
+    attributes: ``limit_settings`` (config changes that move the estimator to its exact limit, for the kit),
+    ``summary`` (one line for ``epx list``), and methods ``state_dict``/``load_state_dict`` for state kept between
+    estimates (saved in ``epx train`` checkpoints)."""
     config: Config
 
     def estimate(self, model: Any, batch: Batch, *, generator: torch.Generator) -> GradientEstimate: ...

@@ -320,6 +320,12 @@ def test_valid_configs_check_finds_an_estimator_that_crashes_on_a_valid_setting(
     assert "raised IndexError" in message and "Draw 1 (config):" in message
 
 
+def test_declarations_reject_limit_settings_the_config_does_not_have():
+    typo = type("Typo", (Flawed,), {"limit_settings": {"bta": 1e-3}})
+    with pytest.raises(ConformanceError, match=r"limit_settings names \['bta'\]"):
+        check_estimator(typo, checks=["declarations"])
+
+
 def test_kit_catches_a_bad_declaration():
     @dataclass
     class NotAConfig:

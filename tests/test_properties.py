@@ -355,16 +355,24 @@ def test_toy_problem_rebuilds_bit_identically():
     assert torch.equal(model.W, problem.model.W) and model.W is not problem.model.W
 
 
-def test_pytest_plugin_provides_epx_check(pytester):
+def test_pytest_plugin_provides_fixtures_options_and_profiles(pytester):
     pytester.makepyfile("""
-        from ep_core.testing import check_estimator
-        from ep_core.bptt import BPTT
+        from hypothesis import settings
 
-        def test_third_party(epx_check):
+        from ep_core.bptt import BPTT
+        from ep_core.testing import check_estimator
+
+        def test_third_party(epx_check, epx_registry, epx_estimators):
             assert epx_check is check_estimator
-            epx_check(BPTT, examples=1)
+            assert epx_check(BPTT, examples=1, checks=["deterministic"]).passed
+            assert epx_registry.get("estimator", "bptt").factory is BPTT
+            assert epx_estimators == ["bptt", "ep"]
+            assert settings().derandomize and settings().max_examples == 25
     """)
     # "no:epx" keeps the installed entry point (if any) from registering the same module twice
-    result = pytester.runpytest("-p", "no:epx", "-p", "ep_core.testing.pytest_plugin",
-                                "-p", "no:cacheprovider")
+    plugin = ["-p", "no:epx", "-p", "ep_core.testing.pytest_plugin", "-p", "no:cacheprovider"]
+    result = pytester.runpytest(*plugin, "--epx-estimators", "bptt,ep", "--epx-profile", "epx-ci")
     result.assert_outcomes(passed=1)
+    typo = pytester.runpytest(*plugin, "--epx-estimators", "bptt,aepp")
+    typo.assert_outcomes(errors=1)
+    assert "did you mean 'aep'" in typo.stdout.str()

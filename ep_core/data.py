@@ -70,6 +70,7 @@ __all__ = [
     "load_fashion_mnist",
     "make_sample",
     "read_idx",
+    "real_or_sample",
     "register_builtin_datasets",
     "resolve_images",
     "search_path",
@@ -770,19 +771,25 @@ def resolve_images(
     if key == "sample":
         return _sample_for(split)
     if key == "auto":
-        try:
-            return load_fashion_mnist(split, data_dir=data_dir, download=download)
-        except DataNotFound as e:
-            msg = _one_line(
-                f"warning: {e.summary}; using the generated 'sample' dataset instead — "
-                "set EPX_DATA_DIR or pass --data-dir for real data"
-            )
-            if warn is None:
-                warnings.warn(msg, UserWarning, stacklevel=2)
-            else:
-                warn(msg)
-            return _sample_for(split)
+        return real_or_sample(lambda: load_fashion_mnist(split, data_dir=data_dir, download=download),
+                              lambda: _sample_for(split), what="dataset", warn=warn)
     raise ValueError(f"unknown image dataset {name!r}; valid names: {', '.join(_IMAGE_NAMES)}")
+
+
+def real_or_sample(load_real: Callable[[], Any], make_sample: Callable[[], Any], *, what: str,
+                   warn: Callable[[str], Any] | None) -> Any:
+    """``load_real()``, or, when the real data can be neither found nor downloaded, one warning (through ``warn``,
+    else ``warnings.warn``) and ``make_sample()``. Only DataNotFound falls back: a corrupt file is an error."""
+    try:
+        return load_real()
+    except DataNotFound as e:
+        msg = _one_line(f"warning: {e.summary}; using the generated 'sample' {what} instead — "
+                        "set EPX_DATA_DIR or pass --data-dir for real data")
+        if warn is None:
+            warnings.warn(msg, UserWarning, stacklevel=3)
+        else:
+            warn(msg)
+        return make_sample()
 
 
 def _resolve_kind(name: str, kind: str, **kw: Any) -> Any:

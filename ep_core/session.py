@@ -85,6 +85,13 @@ def build_estimator(registry: Registry, name: str, settings: Mapping[str, Any] |
     return cls(cls.Config.from_mapping(settings or {}))
 
 
+def check_requires(label: str, estimator_class: type, model: Any, model_name: str) -> None:
+    """The estimator's ``requires`` protocol must hold for the model (usage error otherwise)."""
+    required = getattr(estimator_class, "requires", None)
+    if required is not None and not isinstance(model, required):
+        raise ConfigError("model", f"{label} needs a {required.__name__}; {model_name} is not one")
+
+
 @dataclass
 class Data:
     batch: Batch
@@ -171,9 +178,7 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
     model = build_model(registry, model_name, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
                         dataset=dataset)
     for label, cls in classes.items():
-        required = getattr(cls, "requires", None)
-        if required is not None and not isinstance(model, required):
-            raise ConfigError("model", f"{label} needs a {required.__name__}; {model_name} is not one")
+        check_requires(label, cls, model, model_name)
     prepared = build_batch(model, dataset, batch_size=batch_size, seed=seed, requested=data)
     meta = {"model": {"name": model_name, "config": model.config.to_dict()}, "data": prepared.description}
     return compare([(label, built[label]) for label in labels], model, prepared.batch,

@@ -40,7 +40,6 @@ import hashlib
 import json
 import operator
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from ep_core.data import (
     DownloadError,
     _fetch,
     _one_line,
+    real_or_sample,
     search_path,
     user_cache_dir,
 )
@@ -536,15 +536,5 @@ def resolve_text(
         return load_shakespeare(split, data_dir=data_dir, download=download)
     if key == "sample":
         return make_text_sample(split)
-    try:
-        return load_shakespeare(split, data_dir=data_dir, download=download)
-    except DataNotFound as e:
-        msg = _one_line(
-            f"warning: {e.summary}; using the generated 'sample' text instead — "
-            "set EPX_DATA_DIR or pass --data-dir for real data"
-        )
-        if warn is None:
-            warnings.warn(msg, UserWarning, stacklevel=2)
-        else:
-            warn(msg)
-        return make_text_sample(split)
+    return real_or_sample(lambda: load_shakespeare(split, data_dir=data_dir, download=download),
+                          lambda: make_text_sample(split), what="text", warn=warn)

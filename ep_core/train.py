@@ -52,7 +52,8 @@ from ep_core.relax import free_phase, inner, parameter_gradient, relaxation_map
 from ep_core.plugins import Registry
 from ep_core.seeding import (DATA_STREAM, ESTIMATOR_STREAM, EVAL_MASK_STREAM, EVAL_STREAM, MASK_STREAM,
                              PENALTY_STREAM, PROBE_STREAM, generator)
-from ep_core.session import DTYPES, build_estimator, build_model, data_kind, default_batch_size, draw_batch, load_data
+from ep_core.session import (DTYPES, build_estimator, build_model, check_requires, data_kind, default_batch_size,
+                             draw_batch, load_data)
 
 RUN_FORMAT = "epx.run/1"
 CHECKPOINT_FORMAT = "epx.checkpoint/1"
@@ -153,9 +154,7 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
                           dataset=dataset)
     if not any(p.requires_grad for p in network.parameters()):
         raise ConfigError("model", f"{model} has no trainable parameters")
-    required = getattr(type(rule), "requires", None)
-    if required is not None and not isinstance(network, required):
-        raise ConfigError("model", f"{estimator} needs a {required.__name__}; {model} is not one")
+    check_requires(estimator, type(rule), network, model)
     batch_size = default_batch_size(model_class) if batch_size is None else batch_size
     spec = {"estimator": {"name": estimator, "config": rule.config.to_dict()},
             "model": {"name": model, "config": network.config.to_dict()},

@@ -112,11 +112,7 @@ def plot_sweep(sweep: dict[str, Any], rows: list[dict[str, Any]], path: Path, *,
         bottom.set_xticks(positions, x_axis["values"])
     else:
         bottom.set_xticks(positions, x_axis["values"], minor=False)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def plot_training(runs: dict[str, list[dict[str, Any]]], path: Path, *, title: str,
@@ -159,6 +155,13 @@ def plot_training(runs: dict[str, list[dict[str, Any]]], path: Path, *, title: s
         axes[1][0].legend(fontsize="small")
         axes[1][0].grid(alpha=0.3)
     axes[-1][0].set_xlabel("step")
+    save_png(fig, path)
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically and release it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

@@ -284,6 +284,12 @@ def _draw(data: st.DataObject, context: Context, conservative: bool | None = Non
     return model, batch, data.draw(strategies.seeds(), label="seed")
 
 
+def _draw_in_limit(estimator: Any, data: st.DataObject, context: Context) -> tuple[Any, Batch, int]:
+    """A problem inside the estimator's declared limit: conservative models only for "conservative"."""
+    conservative = True if conformance_limit(estimator) == "conservative" else None
+    return _draw(data, context, conservative)
+
+
 def _limit_settings(estimator: Any, context: Context) -> Mapping[str, Any]:
     if context.limit_settings is not None:
         return context.limit_settings
@@ -303,8 +309,7 @@ def _on_a_problem(rule: Callable[..., None]) -> Callable[[Any, st.DataObject, Co
 
 
 def _run_exact_limit(estimator: Any, data: st.DataObject, context: Context) -> None:
-    limit = conformance_limit(estimator)
-    model, batch, seed = _draw(data, context, conservative=True if limit == "conservative" else None)
+    model, batch, seed = _draw_in_limit(estimator, data, context)
     reference = run_estimate(BPTT(), model, batch, seed=seed)
     # Only a converged free phase has an exact limit, and a zero gradient has no direction to compare.
     assume(reference.stats.get("residual", math.inf) <= CONVERGED_TOL)
@@ -345,8 +350,7 @@ def check_cost_scaling(estimator: Any, model: torch.nn.Module, batch: Batch, *, 
 
 
 def _run_cost_scaling(estimator: Any, data: st.DataObject, context: Context) -> None:
-    limit = conformance_limit(estimator)
-    model, batch, seed = _draw(data, context, conservative=True if limit == "conservative" else None)
+    model, batch, seed = _draw_in_limit(estimator, data, context)
     factor = data.draw(st.sampled_from([0.25, 4.0]), label="factor")
     check_cost_scaling(at_limit(estimator, _limit_settings(estimator, context)), model, batch, factor=factor,
                        seed=seed, min_cosine=context.min_cosine)

@@ -157,3 +157,17 @@ def test_compare_on_lm_prints_stability_and_per_parameter_cosines():
                                       "context=16", "--model-set", "width=32", "--batch-size", "4",
                                       "--repeats", "1", "--no-per-parameter"])
     assert hidden.exit_code == 0 and "per-parameter cosine" not in hidden.output
+
+
+def test_gain_bound_is_cached_outside_autograd_and_follows_in_place_updates():
+    model = tiny_lm(gain_bound=0.3)
+    with torch.no_grad():
+        first = model.gain_scale()
+        assert model.gain_scale() is first  # one eigendecomposition per parameter version, not per force call
+        assert float(first) < 1  # the bound binds here, so the scale depends on W_V and W_O
+        model.W_V.mul_(2)  # an in-place update, as an optimizer step makes
+        second = model.gain_scale()
+    assert second is not first
+    assert float(second) == pytest.approx(float(model._gain_scale().detach()), rel=1e-12)
+    assert float(second) == pytest.approx(float(first) / 2, rel=1e-9)
+    assert model.gain_scale().requires_grad  # under autograd it is part of the graph

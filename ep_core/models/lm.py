@@ -100,6 +100,7 @@ class LM(nn.Module):
         self.W_head = nn.Parameter(normal(cfg.width, cfg.vocab, std=1 / math.sqrt(cfg.width)))
         self.register_buffer("causal", torch.ones(cfg.context, cfg.context, dtype=torch.bool).tril(),
                              persistent=False)
+        self._gain_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def dynamics(self) -> Dynamics:
@@ -147,10 +148,23 @@ class LM(nn.Module):
         The first position attends only to itself, so its block of J_F is −(1 + s·c)I + s·κ·W_V·W_O: with
         s·κ·λ_max(sym(W_V·W_O)) < 1 + s·c its symmetric part is negative definite and that block contracts.
         Training otherwise drives this eigenvalue past 1 + s·c (module docstring).
+
+        κ depends on the parameters only, yet every force evaluation needs it, so outside autograd it is kept
+        for as long as W_V and W_O are the same tensors, unmodified (their ``_version`` counts in-place updates
+        such as optimizer steps). Under autograd it is recomputed, since it must be part of that graph.
         """
         cfg = self.config
         if cfg.gain_bound is None or cfg.s == 0:
             return 1.0
+        if torch.is_grad_enabled():
+            return self._gain_scale()
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in (self.W_V, self.W_O))
+        if self._gain_cache is None or self._gain_cache[0] != key:
+            self._gain_cache = (key, self._gain_scale())
+        return self._gain_cache[1]
+
+    def _gain_scale(self) -> torch.Tensor:
+        cfg = self.config
         value_output = self.W_V @ self.W_O
         top = torch.linalg.eigvalsh(0.5 * (value_output + value_output.T))[-1]
         limit = cfg.gain_bound * (1 + cfg.s * cfg.c) / cfg.s

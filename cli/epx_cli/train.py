@@ -130,15 +130,17 @@ def train(estimator: str, reference: str, settings: tuple[str, ...], model_name:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     shown: dict[str, str] = {}
+    warned_unconverged = False
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"{estimator} on {model_name}", total=steps, status="")
         progress = TrainProgress()
 
         def on_record(record: dict[str, Any]) -> None:
+            nonlocal warned_unconverged
             bar.update(task, completed=record["step"], status=_status(record, shown))
             residual = record.get("residual")
-            if residual is not None and residual > CONVERGED_TOL and "unconverged" not in shown:
-                shown["unconverged"] = "warned"
+            if residual is not None and residual > CONVERGED_TOL and not warned_unconverged:
+                warned_unconverged = True
                 warn(f"step {record['step']}: the free phase no longer converges (residual {residual:.1e} > "
                      f"{CONVERGED_TOL:g}); the estimators' fixed-point assumption fails from here on. If the "
                      "residual keeps rising, training is pushing the model out of its stable regime: lower --lr")

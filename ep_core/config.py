@@ -9,20 +9,15 @@ also rejects unknown keys with a did-you-mean suggestion: an ignored typo would 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
+from ep_core.errors import ConfigError, suggest
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, malformed or out of range. ``field`` names the offender."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+__all__ = ["Config", "ConfigError", "describe_range", "option", "suggest"]
 
 
 def option(
@@ -42,12 +37,6 @@ def option(
     """
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "optional": optional}
     return dataclasses.field(default=default, metadata=meta)
-
-
-def suggest(name: str, candidates: typing.Iterable[str]) -> str:
-    """A ' (did you mean ...?)' suffix, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def describe_range(meta: Mapping[str, Any]) -> str:

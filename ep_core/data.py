@@ -52,6 +52,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ep_core.errors import ChecksumError, DataError, FileFormatError
+
 __all__ = [
     "DATASET_NAMES",
     "DATA_KINDS",
@@ -146,7 +148,7 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-class DataNotFound(Exception):
+class DataNotFound(DataError):
     """A real dataset could not be found locally nor downloaded.
 
     ``searched`` lists the root directories tried, ``download`` says what happened to the download. By default
@@ -198,10 +200,6 @@ class DataNotFound(Exception):
         """One line: what was missing, where we looked, and what the download did."""
         where = ", ".join(str(p) for p in self.searched)
         return f"{self.dataset} not found (searched: {where}; download: {self.download})"
-
-
-class ChecksumError(ValueError):
-    """A file's SHA-256 does not match the published one."""
 
 
 class DownloadError(OSError):
@@ -318,28 +316,28 @@ def _read_file(path: Path) -> tuple[bytes, bytes]:
     try:
         return raw, gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt gzip data ({e})") from None
+        raise FileFormatError(path, f"corrupt gzip data ({e})") from None
 
 
 def _parse_idx(payload: bytes, path: Path) -> np.ndarray:
     if len(payload) < 4:
-        raise ValueError(f"{path}: not an IDX file: {len(payload)} bytes, shorter than the 4-byte magic")
+        raise FileFormatError(path, f"not an IDX file: {len(payload)} bytes, shorter than the 4-byte magic")
     zero, dtype_code, ndim = struct.unpack(">HBB", payload[:4])
     if zero != 0 or ndim == 0:
-        raise ValueError(f"{path}: not an IDX file: bad magic 0x{payload[:4].hex()} "
+        raise FileFormatError(path, f"not an IDX file: bad magic 0x{payload[:4].hex()} "
                          "(expected 0x000008NN with NN = number of dimensions, e.g. 0x00000803)")
     if dtype_code != _IDX_UINT8:
-        raise ValueError(f"{path}: unsupported IDX element type 0x{dtype_code:02x}; "
+        raise FileFormatError(path, f"unsupported IDX element type 0x{dtype_code:02x}; "
                          "only 0x08 (uint8) is supported")
     header = 4 + 4 * ndim
     if len(payload) < header:
-        raise ValueError(f"{path}: truncated IDX header: {ndim} dimensions need {header} bytes, "
+        raise FileFormatError(path, f"truncated IDX header: {ndim} dimensions need {header} bytes, "
                          f"file has {len(payload)}")
     dims = struct.unpack(f">{ndim}I", payload[4:header])
     expected = header + math.prod(dims)
     if len(payload) != expected:
         what = "truncated" if len(payload) < expected else "has trailing bytes"
-        raise ValueError(f"{path}: IDX data {what}: shape {dims} needs {expected} bytes, "
+        raise FileFormatError(path, f"IDX data {what}: shape {dims} needs {expected} bytes, "
                          f"file has {len(payload)}")
     # copy(): frombuffer views immutable bytes; callers (and torch.from_numpy) want an owned, writable array.
     return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims).copy()
@@ -625,9 +623,9 @@ def load_fashion_mnist(
     images = _load_checked(img_path, verify)
     labels = _load_checked(lab_path, verify)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"{img_path}: expected images of shape N×28×28, got {images.shape}")
+        raise FileFormatError(img_path, f"expected images of shape N×28×28, got {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{lab_path}: expected {images.shape[0]} labels (one per image), "
+        raise FileFormatError(lab_path, f"expected {images.shape[0]} labels (one per image), "
                          f"got shape {labels.shape}")
     return ImageDataset(
         name="fashionmnist",

@@ -27,8 +27,7 @@ from typing import Any
 
 import pluggy
 
-from ep_core.config import suggest
-from ep_core.protocols import EpxError
+from ep_core.errors import PluginError, UnknownNameError
 
 PROJECT = "epx"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -56,17 +55,6 @@ class Specs:
     @hookspec
     def register_commands(self, cli: Any) -> None:
         """Add click commands to the ``epx`` command group."""
-
-
-class UnknownNameError(EpxError, LookupError):
-    def __init__(self, kind: str, name: str, known: Iterable[str]):
-        known = sorted(known)
-        super().__init__(f"unknown {kind} {name!r}{suggest(name, known)}; available: {', '.join(known) or 'none'}")
-        self.kind, self.name = kind, name
-
-
-class PluginError(EpxError):
-    """Raised in strict mode when a plugin fails."""
 
 
 @dataclass(frozen=True)

@@ -13,24 +13,13 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from ep_core.config import Config
+from ep_core.errors import DivergenceError, EpxError
+
+__all__ = ["Batch", "DivergenceError", "Dynamics", "EpxError", "Estimator", "EquilibriumModel", "GradientEstimate",
+           "State", "parameter_groups"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
-
-
-class EpxError(Exception):
-    """Base class of errors that the CLI reports as a message, without a traceback."""
-
-
-class DivergenceError(EpxError):
-    """A relaxation produced a non-finite state."""
-
-    def __init__(self, phase: str, step: int, eps: float, remedy: str):
-        super().__init__(
-            f"the {phase} relaxation diverged at step {step} (state became non-finite) with step size "
-            f"eps={eps:g}; {remedy}"
-        )
-        self.phase, self.step, self.eps = phase, step, eps
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ep_core.config import ConfigError, suggest
+from ep_core.errors import EpxError, ResumeError, UsageError
 from ep_core.files import write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
-from ep_core.protocols import EpxError
 from ep_core.session import data_kind, load_data, run_comparison
 
 FORMAT = "epx.sweep/1"
@@ -135,10 +135,10 @@ class SweepSpec:
         return json.loads(json.dumps(asdict(self)))
 
 
-class SweepMismatch(ConfigError):
+class SweepMismatch(ResumeError):
     def __init__(self, path: Path, differences: list[str]):
-        super().__init__("--out", f"{path} holds a different sweep ({'; '.join(differences)}); use another "
-                                  f"file, or delete it to start over")
+        super().__init__(f"--out: {path} holds a different sweep ({'; '.join(differences)}); use another "
+                         f"file, or delete it to start over")
 
 
 def _load(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -215,7 +215,7 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
                 model_settings=model_settings, data=spec.data, batch_size=spec.batch_size, seed=point.seed,
                 dtype=spec.dtype, device=spec.device, repeats=spec.repeats, dataset=dataset, progress=progress)
             record |= {"status": "ok", "comparison": comparison.to_json()}
-        except ConfigError:
+        except UsageError:
             raise
         except EpxError as exc:
             record |= {"status": "failed", "error": str(exc)}

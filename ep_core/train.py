@@ -46,7 +46,8 @@ import torch
 from ep_core.config import Config, ConfigError, option
 from ep_core.files import write_atomic
 from ep_core.harness import environment, gradient_metrics, jsonable
-from ep_core.protocols import EpxError, parameter_groups
+from ep_core.errors import EpxError, Interrupted
+from ep_core.protocols import parameter_groups
 from ep_core.analysis import fixed_point_stability
 from ep_core.relax import free_phase, inner, parameter_gradient, relaxation_map
 from ep_core.plugins import Registry
@@ -175,11 +176,13 @@ class Progress:
     """Set it (e.g. from a SIGINT handler) to stop after the current step, with a checkpoint."""
 
 
-class Interrupted(EpxError):
+class Stopped(Interrupted):
+    """Training stopped on request after ``step``; with a run directory, its checkpoint holds that step."""
+
     def __init__(self, step: int, directory: Path | None):
-        where = f"; rerun with --resume --out {directory} to continue" if directory else ""
-        super().__init__(f"interrupted after step {step}{where}")
-        self.step = step
+        saved = f" (checkpoint in {directory})" if directory is not None else " (no --out: nothing was saved)"
+        super().__init__(f"after step {step}{saved}")
+        self.step, self.directory = step, directory
 
 
 def _generators(run: Run) -> dict[str, torch.Generator]:
@@ -319,7 +322,7 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
                 save_checkpoint(directory / CHECKPOINT_FILE, run, optimizer, generators, step)
                 emit({"kind": "checkpoint", "step": step})
             if progress.stop.is_set() and not last:
-                raise Interrupted(step, directory)
+                raise Stopped(step, directory)
     finally:
         if log is not None:
             log.close()

@@ -19,13 +19,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ep_core.config import ConfigError
+from ep_core.errors import ConfigError, EpxError, Interrupted, PluginError, ThresholdError, UnknownNameError
 from ep_core.files import write_atomic
-from ep_core.plugins import PluginError, Registry, UnknownNameError, load
-from ep_core.protocols import EpxError
+from ep_core.plugins import Registry, load
 from epx_cli.render import comparison_notes, comparison_table, parameter_table
 
-EXIT_RUNTIME, EXIT_USAGE, EXIT_THRESHOLD = 1, 2, 3
 PER_PARAMETER_AUTO = 6
 
 # Piped output keeps every column of the comparison table instead of wrapping at rich's default 80.
@@ -43,18 +41,26 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def report(exc: EpxError) -> None:
+    """Print an expected failure on one line and exit with the code its class carries."""
+    if isinstance(exc, Interrupted):
+        err.print(f"[bold yellow]interrupted:[/] {escape(str(exc).removeprefix('interrupted '))}", highlight=False)
+        sys.exit(exc.exit_code)
+    fail(str(exc), exc.exit_code)
+
+
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Map epx's exceptions to exit codes and one-line messages; no tracebacks for expected failures."""
-    from ep_core.data import ChecksumError, DataNotFound
+    """Map epx's exceptions to exit codes (from the class alone) and one-line messages; no tracebacks for expected
+    failures. Ctrl-C is an :class:`Interrupted` (exit 130) rather than click's bare "Aborted!"."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ConfigError, UnknownNameError) as exc:
-            fail(str(exc), EXIT_USAGE)
-        except (DataNotFound, ChecksumError, PluginError, EpxError) as exc:
-            fail(str(exc), EXIT_RUNTIME)
+        except KeyboardInterrupt:
+            report(Interrupted(f"during `epx {click.get_current_context().command_path.removeprefix('epx ')}`"))
+        except EpxError as exc:
+            report(exc)
     return wrapper
 
 
@@ -67,7 +73,7 @@ class EpxGroup(click.Group):
             try:
                 registry().add_commands(self)
             except PluginError as exc:
-                fail(str(exc), EXIT_RUNTIME)
+                report(exc)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._plugin_commands()
@@ -301,7 +307,7 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
         below = [r["label"] for r in result["results"][1:]
                  if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine]
         if below:
-            fail(f"cosine below {min_cosine} for: {', '.join(below)}", EXIT_THRESHOLD)
+            raise ThresholdError(f"cosine below {min_cosine} for: {', '.join(below)}")
 
 
 def main() -> None:
@@ -362,7 +368,7 @@ def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, chec
         out.print(table)
     failed = [r.estimator for r in reports if not r.passed]
     if failed:
-        fail(f"the contract is not met by: {', '.join(failed)}", EXIT_THRESHOLD)
+        raise ThresholdError(f"the contract is not met by: {', '.join(failed)}")
 
 
 def _add_commands() -> None:

@@ -14,7 +14,8 @@ from rich.text import Text
 
 from ep_core.config import ConfigError
 from ep_core.protocols import parameter_groups
-from epx_cli.main import EXIT_RUNTIME, check_names, comparison_options, err, fail, handle_errors, out, warn
+from ep_core.errors import Interrupted
+from epx_cli.main import check_names, comparison_options, err, handle_errors, out, warn
 from epx_cli.render import fmt_cosine, fmt_number
 
 
@@ -128,8 +129,10 @@ def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings
             result = run_sweep(reg, spec, out=out_file, data_dir=data_dir, download=not no_download, warn=warn,
                                on_point=on_point)
         except KeyboardInterrupt:
-            where = f"rerun with --out {out_file} to resume" if out_file else "use --out FILE to make it resumable"
-            fail(f"interrupted; {where}", EXIT_RUNTIME)
+            if out_file is None:
+                raise Interrupted("during the sweep; nothing was kept (use --out FILE to make a sweep resumable)")
+            raise Interrupted("during the sweep; the finished points are in " + str(out_file),
+                              resume="the same command again (it skips the points already in --out)") from None
     if result.resumed:
         err.print(f"resumed: {result.resumed} point(s) were already in {escape(str(out_file))}", highlight=False)
     if out_file is not None:

@@ -30,7 +30,6 @@ class BPTT:
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "always: it differentiates the unrolled computation itself"
     conformance_limit: ClassVar[str | None] = None
-    summary: ClassVar[str] = "backpropagation through the T1 free-phase steps (the exact reference)"
 
     def __init__(self, config: BPTTConfig | None = None):
         self.config = config or BPTTConfig()

@@ -1,28 +1,39 @@
 """What ep_core registers itself, through the same hooks a plugin uses: the bptt reference, the reference
-models and the datasets."""
+models and the datasets. Everything is registered by reference ("module:attribute"), so that listing what is
+installed (`epx list`, `epx --help`) imports none of it, and not torch."""
 
 from __future__ import annotations
 
-from ep_core.bptt import BPTT
-from ep_core.data import register_builtin_datasets
-from ep_core.models.cet import CET
-from ep_core.models.lm import LM
-from ep_core.models.toy import Toy
 from ep_core.plugins import hookimpl
 
 
 @hookimpl
 def register_estimators(register):
-    register("bptt", BPTT)
+    register("bptt", "ep_core.bptt:BPTT",
+             summary="backpropagation through the T1 free-phase steps (the exact reference)")
 
 
 @hookimpl
 def register_models(register):
-    register("cet", CET)
-    register("lm", LM)
-    register("toy", Toy)
+    register("cet", "ep_core.models.cet:CET",
+             summary="energy transformer for masked patch reconstruction; attention scale s")
+    register("lm", "ep_core.models.lm:LM",
+             summary="causal equilibrium attention on characters (next-character cross-entropy); scale s")
+    register("toy", "ep_core.models.toy:Toy",
+             summary="tiny Hopfield network, conservative=True|False, for property tests")
 
 
 @hookimpl
 def register_datasets(register):
-    register_builtin_datasets(register)
+    """Each factory is called as ``factory(data_dir=..., download=..., warn=..., split=..., kind=...)``."""
+    register("fashionmnist", "ep_core.data:fashionmnist_dataset",
+             summary="Fashion-MNIST (Zalando), 1x28x28, 10 classes; local files or download, SHA-256 checked")
+    register("shakespeare", "ep_core.data:shakespeare_dataset",
+             summary="tiny Shakespeare (char-rnn), 1.1M characters, 65-character vocabulary; local file or "
+                     "download, SHA-256 checked")
+    register("sample", "ep_core.data:sample_dataset",
+             summary="generated: shapes (bars, rings, discs, ...), 1x28x28, 10 classes, or for text models a small "
+                     "play; deterministic, offline")
+    register("auto", "ep_core.data:auto_dataset",
+             summary="the real dataset of the model's kind (Fashion-MNIST for images, tiny Shakespeare for text) if "
+                     "reachable, else the generated sample with a warning")

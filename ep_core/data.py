@@ -73,7 +73,10 @@ __all__ = [
     "make_sample",
     "read_idx",
     "real_or_sample",
-    "register_builtin_datasets",
+    "auto_dataset",
+    "fashionmnist_dataset",
+    "sample_dataset",
+    "shakespeare_dataset",
     "resolve_images",
     "search_path",
     "user_cache_dir",
@@ -372,11 +375,12 @@ def search_path(
     """Root directories to search for a dataset, first match wins: ``data_dir``, ``$EPX_DATA_DIR``, the user
     cache, then the dataset's ``system`` locations. Empty values are skipped, repeated directories kept once."""
     roots: list[Path] = []
+    # Absolute: the paths end up in results (the data's source), which must mean the same from any directory.
     if data_dir is not None and str(data_dir) != "":
-        roots.append(Path(data_dir).expanduser())
+        roots.append(Path(data_dir).expanduser().absolute())
     env = os.environ.get("EPX_DATA_DIR")
     if env:
-        roots.append(Path(env).expanduser())
+        roots.append(Path(env).expanduser().absolute())
     roots.append(user_cache_dir())
     roots.extend(system)
     unique: list[Path] = []
@@ -806,14 +810,14 @@ def _resolve_kind(name: str, kind: str, **kw: Any) -> Any:
 # return their own kind regardless, and the caller reports a mismatch with what its model needs.
 
 
-def _fashionmnist_factory(
+def fashionmnist_dataset(
     *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
     warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "images",
 ) -> ImageDataset:
     return resolve_images("fashionmnist", data_dir=data_dir, download=download, warn=warn, split=split)
 
 
-def _shakespeare_factory(
+def shakespeare_dataset(
     *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
     warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "text",
 ) -> Any:
@@ -822,45 +826,15 @@ def _shakespeare_factory(
     return resolve_text("shakespeare", data_dir=data_dir, download=download, warn=warn, split=split)
 
 
-def _sample_factory(
+def sample_dataset(
     *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
     warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "images",
 ) -> Any:
     return _resolve_kind("sample", kind, data_dir=data_dir, download=download, warn=warn, split=split)
 
 
-def _auto_factory(
+def auto_dataset(
     *, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
     warn: Callable[[str], Any] | None = None, split: str = "train", kind: str = "images",
 ) -> Any:
     return _resolve_kind("auto", kind, data_dir=data_dir, download=download, warn=warn, split=split)
-
-
-def register_builtin_datasets(register: Callable[..., Any]) -> None:
-    """Register the built-in datasets with a plugin-style ``register(name, factory, summary=...)``.
-
-    Each factory is called as ``factory(data_dir=..., download=..., warn=..., split=..., kind=...)``.
-    """
-    register(
-        "fashionmnist",
-        _fashionmnist_factory,
-        summary="Fashion-MNIST (Zalando), 1x28x28, 10 classes; local files or download, SHA-256 checked",
-    )
-    register(
-        "shakespeare",
-        _shakespeare_factory,
-        summary="tiny Shakespeare (char-rnn), 1.1M characters, 65-character vocabulary; local file or download, "
-        "SHA-256 checked",
-    )
-    register(
-        "sample",
-        _sample_factory,
-        summary="generated: shapes (bars, rings, discs, ...), 1x28x28, 10 classes, or for text models a small "
-        "play; deterministic, offline",
-    )
-    register(
-        "auto",
-        _auto_factory,
-        summary="the real dataset of the model's kind (Fashion-MNIST or tiny Shakespeare) if reachable, else the "
-        "generated sample with a warning",
-    )

@@ -6,11 +6,14 @@ A plugin is any module or object with ``@hookimpl`` functions::
 
     @hookimpl
     def register_estimators(register):
-        register("myrule", MyRule)
+        register("myrule", "my_pkg.rule:MyRule", summary="one line for `epx list`")
 
-and is found through the ``epx`` entry-point group (``[project.entry-points.epx] myrule = "my_pkg.plugin"``),
-exactly like the built-in estimators. Entry points are loaded one at a time; one that fails to import or to
-register is recorded as failed — name, distribution, error — and every other plugin still loads.
+and is found through the ``epx`` entry-point group (``[project.entry-points.epx] myrule = "my_pkg.hooks"``),
+exactly like the built-in estimators. ``register`` takes the object itself or, as here, a reference
+``"module:attribute"`` that is imported on first use (:class:`Entry`), so that listing plugins imports none of
+their code, nor torch; :func:`registers` builds such a one-name plugin in one line. Entry points are loaded one
+at a time; one that fails to import or to register is recorded as failed — name, distribution, error — and
+every other plugin still loads. A reference that fails to import is recorded the same way when it is used.
 
 Environment: ``EPX_LOAD_PLUGINS`` is an allow-list of entry-point or distribution names (comma-separated;
 set but empty loads none); ``EPX_STRICT_PLUGINS=1`` turns any plugin failure into an error (for CI).
@@ -18,9 +21,11 @@ set but empty loads none); ``EPX_STRICT_PLUGINS=1`` turns any plugin failure int
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import traceback
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,15 +62,6 @@ class Specs:
         """Add click commands to the ``epx`` command group."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    kind: str
-    name: str
-    factory: Any
-    summary: str
-    plugin: str
-
-
 @dataclass
 class Plugin:
     name: str
@@ -77,11 +73,88 @@ class Plugin:
     registered: list[str] = field(default_factory=list)
 
 
+def is_reference(target: Any) -> bool:
+    """Whether ``target`` is a lazy reference, ``"package.module:attribute"``, rather than the object itself."""
+    if not isinstance(target, str):
+        return False
+    module, sep, attribute = target.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in [*module.split("."), *attribute.split(".")])
+
+
+@dataclass
+class Entry:
+    """A registered name. ``target`` is the object (a class, a factory function) or a lazy reference to it,
+    ``"package.module:attribute"``, imported on the first use of :attr:`factory`: listing names and summaries
+    never imports a plugin's implementation (nor torch)."""
+
+    kind: str
+    name: str
+    target: Any
+    summary: str
+    plugin: str
+    record: Plugin = field(repr=False)
+    _loaded: Any = field(default=None, repr=False)
+
+    @property
+    def factory(self) -> Any:
+        """The registered object (see :meth:`load`)."""
+        return self.load()
+
+    def load(self) -> Any:
+        """The registered object, imported now if it was registered by reference. A reference that cannot be
+        imported is a PluginError naming the plugin and its distribution, recorded in ``epx plugins``."""
+        if self._loaded is None:
+            if not is_reference(self.target):
+                self._loaded = self.target
+            else:
+                module, _, attribute = self.target.partition(":")
+                try:
+                    loaded: Any = importlib.import_module(module)
+                    for part in attribute.split("."):
+                        loaded = getattr(loaded, part)
+                except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the host
+                    _record_failure(self.record, f"load {self.kind}:{self.name}", exc)
+                    raise PluginError(f"{self.kind} {self.name!r} of plugin {self.plugin!r} "
+                                      f"({self.record.distribution or 'unknown distribution'}) cannot be loaded: "
+                                      f"{self.record.error}") from exc
+                self._loaded = loaded
+        return self._loaded
+
+
+def _record_failure(record: Plugin, stage: str, exc: BaseException) -> None:
+    record.status = "failed"
+    record.error = f"{stage}: {type(exc).__name__}: {exc}"
+    record.detail = "".join(traceback.format_exception(exc))
+
+
 def _summary(factory: Any, summary: str | None) -> str:
     if summary:
         return summary
+    if is_reference(factory):
+        return ""
     text = getattr(factory, "summary", None) or (factory.__doc__ or "").strip()
     return text.splitlines()[0] if text else ""
+
+
+def registers(kind: str, name: str, target: str, *, summary: str) -> Any:
+    """A plugin that registers one name by reference, for an entry point of its own::
+
+        # my_pkg/hooks.py, the module the entry point names (it imports neither torch nor my_pkg.rule):
+        myrule = registers("estimator", "myrule", "my_pkg.rule:MyRule", summary="what it does, in one line")
+
+    ``[project.entry-points.epx] myrule = "my_pkg.hooks:myrule"``. epx's own estimators are registered so.
+    """
+    hooks = {kind_: hook for hook, kind_ in HOOKS.items()}
+    if kind not in hooks:
+        raise ValueError(f"registers() takes one of {', '.join(hooks)}, not {kind!r}")
+    if not is_reference(target):
+        raise ValueError(f"registers() takes a reference 'package.module:attribute', not {target!r}")
+
+    @hookimpl(specname=hooks[kind])
+    def register_one(register: Callable[..., None]) -> None:
+        register(name, target, summary=summary)
+
+    return types.SimpleNamespace(**{hooks[kind]: register_one})
 
 
 class Registry:
@@ -93,19 +166,32 @@ class Registry:
         self.manager = pluggy.PluginManager(PROJECT)
         self.manager.add_hookspecs(Specs)
 
-    def add(self, kind: str, name: str, factory: Any, *, summary: str | None, plugin: str) -> None:
+    def add(self, kind: str, name: str, factory: Any, *, summary: str | None, plugin: Plugin) -> None:
         if not name or not name.replace("-", "_").replace(".", "_").isidentifier():
             raise ValueError(f"invalid {kind} name {name!r}: use letters, digits, '-', '_' or '.'")
+        if isinstance(factory, str) and not is_reference(factory):
+            raise ValueError(f"{kind} {name!r}: a reference is written 'package.module:attribute', not {factory!r}")
         existing = self.entries[kind].get(name)
-        if existing is not None and existing.factory is not factory:
+        if existing is not None and existing.target is not factory and existing.target != factory:
             raise ValueError(f"{kind} {name!r} is already registered by plugin {existing.plugin!r}")
-        self.entries[kind][name] = Entry(kind, name, factory, _summary(factory, summary), plugin)
+        self.entries[kind][name] = Entry(kind, name, factory, _summary(factory, summary), plugin.name, plugin)
 
     def get(self, kind: str, name: str) -> Entry:
         try:
             return self.entries[kind][name]
         except KeyError:
             raise UnknownNameError(kind, name, self.entries[kind]) from None
+
+    def load_all(self) -> list[PluginError]:
+        """Import every entry registered by reference; return (and record on the plugins) the failures."""
+        failures = []
+        for entries in self.entries.values():
+            for entry in entries.values():
+                try:
+                    entry.load()
+                except PluginError as exc:
+                    failures.append(exc)
+        return failures
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
@@ -142,14 +228,12 @@ class Registry:
 
     def _register_callback(self, kind: str, record: Plugin) -> Callable[..., None]:
         def register(name: str, factory: Any, *, summary: str | None = None) -> None:
-            self.add(kind, name, factory, summary=summary, plugin=record.name)
+            self.add(kind, name, factory, summary=summary, plugin=record)
             record.registered.append(f"{kind}:{name}")
         return register
 
     def _fail(self, record: Plugin, stage: str, exc: BaseException, strict: bool) -> None:
-        record.status = "failed"
-        record.error = f"{stage}: {type(exc).__name__}: {exc}"
-        record.detail = "".join(traceback.format_exception(exc))
+        _record_failure(record, stage, exc)
         if strict:
             raise PluginError(f"plugin {record.name!r} ({record.distribution or 'unknown distribution'}) "
                               f"failed at {record.error}") from exc

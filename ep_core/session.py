@@ -6,6 +6,7 @@ masking and the estimators.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from ep_core.config import ConfigError, suggest
 from ep_core.harness import Comparison, Progress, compare
 from ep_core.plugins import Registry
 from ep_core.protocols import Batch
-from ep_core.seeding import DATA_STREAM, INIT_STREAM, MASK_STREAM, generator
+from ep_core.seeding import DATA_STREAM, INIT_STREAM, MASK_STREAM, check_seed, generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -35,11 +36,16 @@ def parse_settings(pairs: Sequence[str], option: str) -> dict[str, str]:
     return settings
 
 
-def split_estimator_settings(settings: Mapping[str, str], estimators: Mapping[str, type]) -> dict[str, dict[str, str]]:
+def _fields(config_owner: type) -> set[str]:
+    return {row["name"] for row in config_owner.Config.describe()}
+
+
+def split_estimator_settings(settings: Mapping[str, str], estimators: Mapping[str, type],
+                             model_class: type | None = None) -> dict[str, dict[str, str]]:
     """Route ``--set`` keys to the estimators that own them.
 
     ``beta=0.01`` goes to every selected estimator with a ``beta`` field; ``aep.beta=0.01`` to aep alone. A key
-    that no selected estimator owns is an error.
+    that no selected estimator owns is an error; when it is an option of ``model_class`` the error says so.
     """
     routed: dict[str, dict[str, str]] = {label: {} for label in estimators}
     for key, value in settings.items():
@@ -57,12 +63,125 @@ def split_estimator_settings(settings: Mapping[str, str], estimators: Mapping[st
         owners = [label for label, cls in estimators.items()
                   if key in {row["name"] for row in cls.Config.describe()}]
         if not owners:
+            if model_class is not None and key in _fields(model_class):
+                raise ConfigError(key, f"{key} is an option of the model, not of an estimator: give it as "
+                                       f"--model-set {key}={value}")
             every = sorted({row["name"] for cls in estimators.values() for row in cls.Config.describe()})
             raise ConfigError(key, f"no selected estimator has this option{suggest(key, every)}; "
                                    f"valid: {', '.join(every) or 'none'}")
         for label in owners:
             routed[label][key] = value
     return routed
+
+
+def check_model_settings(model_class: type, settings: Mapping[str, Any], estimators: Mapping[str, type]) -> None:
+    """Validate ``--model-set`` values before any data are loaded; a key that belongs to one of the
+    ``estimators`` instead is named as such."""
+    for key, value in settings.items():
+        if key not in _fields(model_class) and any(key in _fields(cls) for cls in estimators.values()):
+            raise ConfigError(key, f"{key} is an option of the estimators, not of the model: give it as "
+                                   f"--set {key}={value}")
+    model_class.Config.from_mapping(settings)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(text: str | torch.device) -> torch.device:
+    """The torch device ``text`` names, if epx can compute on it here: a known type (cpu, cuda, mps), present,
+    with an index in range. A ConfigError ("device") otherwise."""
+    if isinstance(text, torch.device):
+        device = text
+    else:
+        try:
+            device = torch.device(str(text).strip())
+        except (RuntimeError, ValueError):
+            raise ConfigError("device", f"{text!r} is not a device; valid: cpu, cuda, cuda:N, mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError("device", f"epx computes on {', '.join(DEVICE_TYPES)}, not on {device.type!r}"
+                                    + (" (meta tensors hold no data)" if device.type == "meta" else ""))
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise ConfigError("device", f"{text!r}: the CPU takes no device index; use cpu")
+        return torch.device("cpu")
+    if device.type == "mps":
+        if not (torch.backends.mps.is_available()):
+            raise ConfigError("device", f"{text!r} requested but MPS (Apple GPU) is not available here")
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError("device", f"{text!r} requested but CUDA is not available here")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError("device", f"{text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CUDA: free memory; CPU: the kernel's MemAvailable), or
+    None when it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
+
+
+def samples_in(model: torch.nn.Module, dataset: Any | None) -> int | None:
+    """How many distinct samples ``dataset`` offers ``model`` (images; windows of the model's context for text);
+    None for a model that makes its own data."""
+    kind = data_kind(type(model))
+    if kind == "synthetic" or dataset is None:
+        return None
+    if kind == "text":
+        return max(0, len(dataset) - model.config.context)
+    return len(dataset)
+
+
+def check_batch_size(model: torch.nn.Module, dataset: Any | None, batch_size: int, *,
+                     held_out: Any | None = None) -> None:
+    """Refuse, before anything large is allocated, a batch the data cannot fill or the device cannot hold.
+
+    The memory needed is estimated from one sample: its batch tensors and three copies of its relaxation state
+    (the state, its force, the next state) per sample, a lower bound of what any estimator needs."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size!r}")
+    for split, data in (("training", dataset), ("held-out", held_out)):
+        available = samples_in(model, data)
+        if available is not None and batch_size > available:
+            unit = "windows of context characters" if data_kind(type(model)) == "text" else "samples"
+            raise ConfigError("batch_size", f"{batch_size} is larger than the {split} data of {data.name!r}, "
+                                            f"which has {available} {unit}; use --batch-size {available} or less")
+    parameter = next(model.parameters())
+    one = draw_batch(model, dataset, 1, data=generator(0, DATA_STREAM), mask=generator(0, MASK_STREAM))
+    per_sample = _bytes(one.values())
+    init_state = getattr(model, "init_state", None)
+    if callable(init_state):
+        with torch.no_grad():
+            per_sample += 3 * _bytes(init_state(one))
+    free = available_memory(parameter.device)
+    if free is not None and per_sample * batch_size > free:
+        raise ConfigError("batch_size", f"{batch_size} samples need at least {_gib(per_sample * batch_size)} "
+                                        f"({per_sample} bytes per sample for the batch and the relaxation state), "
+                                        f"more than the {_gib(free)} available on {parameter.device}; use a "
+                                        f"smaller --batch-size")
 
 
 def build_model(registry: Registry, name: str, settings: Mapping[str, Any] | None = None, *, seed: int = 0,
@@ -77,7 +196,7 @@ def build_model(registry: Registry, name: str, settings: Mapping[str, Any] | Non
     implied = cls.config_from_data(dataset) if dataset is not None and hasattr(cls, "config_from_data") else {}
     config = cls.Config.from_mapping({**implied, **(settings or {})})
     model = cls(config, generator=generator(seed, INIT_STREAM))
-    return model.to(dtype=dtype, device=device)
+    return model.to(dtype=dtype, device=resolve_device(device))
 
 
 def build_estimator(registry: Registry, name: str, settings: Mapping[str, Any] | None = None) -> Any:
@@ -117,7 +236,7 @@ def load_data(registry: Registry, data: str = "auto", *, kind: str, data_dir: st
                                                     kind=kind)
     if getattr(dataset, "kind", "images") != kind:
         raise ConfigError("data", f"{data!r} holds {getattr(dataset, 'kind', 'images')}, but the model learns from "
-                                  f"{kind}; choose a {kind} dataset (see `epx list datasets`) or --data auto")
+                                  f"{kind}; choose a dataset of {kind} (see `epx list datasets`) or --data auto")
     return dataset
 
 
@@ -143,6 +262,7 @@ def build_batch(model, dataset: Any | None, *, batch_size: int | None = None, se
                 requested: str = "auto") -> Data:
     """The batch a comparison measures on, drawn from the seed's DATA and MASK streams."""
     batch_size = default_batch_size(type(model)) if batch_size is None else batch_size
+    check_batch_size(model, dataset, batch_size)
     batch = draw_batch(model, dataset, batch_size, data=generator(seed, DATA_STREAM),
                        mask=generator(seed, MASK_STREAM))
     if dataset is None:
@@ -164,14 +284,16 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
     """
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"{dtype!r} is not valid; valid: {', '.join(DTYPES)}")
+    check_seed(seed)
+    resolve_device(device)
     labels = list(dict.fromkeys(estimators))
     if reference in labels:
         labels.remove(reference)
     classes = {label: registry.get("estimator", label).factory for label in [reference, *labels]}
-    routed = split_estimator_settings(settings or {}, classes)
-    built = {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
     model_class = registry.get("model", model_name).factory
-    model_class.Config.from_mapping(model_settings or {})  # a bad setting fails before the data are loaded
+    routed = split_estimator_settings(settings or {}, classes, model_class)
+    built = {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
+    check_model_settings(model_class, model_settings or {}, classes)  # before the data are loaded
     if dataset is None:
         dataset = load_data(registry, data, kind=data_kind(model_class), data_dir=data_dir, download=download,
                             warn=warn)

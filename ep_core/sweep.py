@@ -22,9 +22,10 @@ from typing import Any
 
 from ep_core.config import ConfigError, suggest
 from ep_core.errors import EpxError, ResumeError, UsageError
-from ep_core.files import write_atomic
+from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
+from ep_core.seeding import check_seed
 from ep_core.session import data_kind, load_data, run_comparison
 
 FORMAT = "epx.sweep/1"
@@ -141,19 +142,40 @@ class SweepMismatch(ResumeError):
                          f"file, or delete it to start over")
 
 
+_KEEP = "use another --out file, or delete this one to start over (it was left unchanged)"
+
+
 def _load(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
+    """The records of the sweep file ``path``, checked: the format, the same specification as ``spec``, and every
+    record well formed. A bad file is an error naming it, and is never overwritten."""
     if not path.exists():
         return []
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError("--out", f"{path} is not a sweep file ({exc}); use another file") from None
-    if saved.get("format") != FORMAT:
-        raise ConfigError("--out", f"{path} is not an epx sweep file (format {saved.get('format')!r})")
+    saved = read_json(path, what="an epx sweep file", remedy=_KEEP)
+    require(path, isinstance(saved, dict), f"not an epx sweep file: it holds a {type(saved).__name__}", _KEEP)
+    require(path, saved.get("format") == FORMAT, f"not an epx sweep file (format {saved.get('format')!r}, "
+                                                 f"expected {FORMAT!r})", _KEEP)
+    require(path, isinstance(saved.get("spec"), dict) and isinstance(saved.get("records"), list),
+            "an epx sweep file needs a 'spec' object and a 'records' list", _KEEP)
     mine, theirs = spec.to_json(), saved["spec"]
     differences = [f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k]]
     if differences:
         raise SweepMismatch(path, differences)
+    for number, record in enumerate(saved["records"], start=1):
+        where = f"record {number}"
+        require(path, isinstance(record, dict), f"{where} is not an object", _KEEP)
+        require(path, isinstance(record.get("values"), dict) and isinstance(record.get("seed"), int)
+                and isinstance(record.get("id"), str), f"{where} needs 'id', 'values' and 'seed'", _KEEP)
+        require(path, record["id"] == Point(record["values"], record["seed"]).id,
+                f"{where}: its id does not match its values and seed", _KEEP)
+        status = record.get("status")
+        require(path, status in ("ok", "failed"), f"{where} has status {status!r}, not 'ok' or 'failed'", _KEEP)
+        if status == "ok":
+            comparison = record.get("comparison")
+            require(path, isinstance(comparison, dict) and isinstance(comparison.get("results"), list)
+                    and bool(comparison["results"]), f"{where} is 'ok' but holds no comparison results", _KEEP)
+        else:
+            require(path, isinstance(record.get("error"), str), f"{where} is 'failed' but has no error message",
+                    _KEEP)
     return saved["records"]
 
 
@@ -186,14 +208,28 @@ def _point_settings(spec: SweepSpec, axes: Sequence[Axis], point: Point) -> tupl
 def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, data_dir: str | None = None,
               download: bool = True, warn: Callable[[str], None] | None = None,
               on_point: Callable[[int, int, Point], None] | None = None,
+              on_record: Callable[[int, int, dict[str, Any], bool], None] | None = None,
               progress: Progress | None = None) -> Sweep:
-    """Run every point of ``spec`` not already in ``out``; write ``out`` after each point."""
+    """Run every point of ``spec`` not already in ``out``; write ``out`` after each point.
+
+    ``on_point(index, total, point)`` is called before each point, ``on_record(index, total, record, resumed)``
+    after it, with its record (``resumed``: it was already in ``out``)."""
+    for seed in spec.seeds:
+        check_seed(seed, option="--seed/--seeds")
     model_class = registry.get("model", spec.model).factory
     labels = [e for e in dict.fromkeys(spec.estimators) if e != spec.reference]
     if not labels:
         raise ConfigError("estimators", f"name at least one estimator besides the reference {spec.reference!r}")
     classes = {label: registry.get("estimator", label).factory for label in [spec.reference, *labels]}
     axes = resolve_axes(spec.vary, model_class, classes)
+    for axis in axes:
+        fixed = [f"--model-set {axis.field}" for owner in axis.owners
+                 if owner == "model" and axis.field in spec.model_settings]
+        fixed += [f"--set {key}" for owner in axis.owners if owner != "model"
+                  for key in (axis.field, f"{owner}.{axis.field}") if key in spec.settings]
+        if fixed:
+            raise ConfigError(axis.key, f"varied with --vary and also fixed with {' and '.join(dict.fromkeys(fixed))}; "
+                                        "give it in one place")
     points = grid(axes, spec.seeds)
     done = {record["id"]: record for record in (_load(out, spec) if out else [])}
     sweep = Sweep(spec, axes, [], resumed=sum(p.id in done for p in points))
@@ -206,6 +242,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
             on_point(index, len(points), point)
         if point.id in done:
             sweep.records.append(done[point.id])
+            if on_record:
+                on_record(index, len(points), done[point.id], True)
             continue
         settings, model_settings = _point_settings(spec, axes, point)
         record: dict[str, Any] = {"id": point.id, "values": point.values, "seed": point.seed}
@@ -224,6 +262,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
             pending_done = [done[p.id] for p in points[index + 1:] if p.id in done]
             write_atomic(out, json.dumps({**sweep.to_json(), "records": sweep.records + pending_done},
                                          indent=1, allow_nan=False) + "\n")
+        if on_record:
+            on_record(index, len(points), record, False)
     return sweep
 
 
@@ -237,15 +277,20 @@ def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
 def summarize(sweep: Mapping[str, Any], *, group: str | None = None) -> list[dict[str, Any]]:
     """One row per grid point (seeds pooled): mean and std of each estimator's cosine (overall and, with
     ``group``, of that parameter group) and ms per gradient, the reference's free-phase residual, and the
-    largest distance between any two estimators' free equilibria. Works on the JSON form of a sweep."""
+    largest distance between any two estimators' free equilibria. Works on the JSON form of a sweep.
+
+    Means are over the seeds that succeeded: ``seeds`` of the ``seeds_run`` seeds run at the point. The others
+    are ``failed_seeds``, with their messages in ``errors`` (in the same order). ``converged`` is whether the
+    reference's free phase converged for every seed that succeeded (None when none did)."""
     rows: dict[str, dict[str, Any]] = {}
     for record in sweep["records"]:
         key = json.dumps(record["values"], sort_keys=True)
-        row = rows.setdefault(key, {"values": record["values"], "runs": [], "errors": []})
+        row = rows.setdefault(key, {"values": record["values"], "runs": [], "errors": [], "failed_seeds": []})
         if record["status"] == "ok":
             row["runs"].append(record["comparison"])
         else:
             row["errors"].append(record["error"])
+            row["failed_seeds"].append(record["seed"])
     summary = []
     for row in rows.values():
         runs = row.pop("runs")
@@ -262,9 +307,11 @@ def summarize(sweep: Mapping[str, Any], *, group: str | None = None) -> list[dic
         summary.append({
             **row,
             "seeds": len(runs),
+            "seeds_run": len(runs) + len(row["errors"]),
             "reference": runs[0]["reference"] if runs else None,
             "estimators": estimators,
             "residual": _mean_std([run["results"][0]["residual"] for run in runs]),
+            "converged": all(run["results"][0]["converged"] for run in runs) if runs else None,
             "fixed_point_distance": max(distances) if distances else None,
         })
     return summary

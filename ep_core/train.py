@@ -17,7 +17,8 @@ stops attracting; the penalty pulls the other way. It is the same term whichever
 
 The training loss logged at step t is C(x*) at the free equilibrium the estimator reports, before the update.
 Every ``eval_every`` steps (and at 0 and the end) the validation loss is the mean of C(x*) over
-``eval_batches`` held-out batches, the same ones every time. Every ``diagnose_every`` steps the reference
+``eval_batches`` held-out batches, the same ones every time. Every ``diagnose_every`` steps (and after the last
+one) the reference
 estimator (bptt) runs on batch_t, before the update, and the cosine of ĝ_t to its gradient is logged per group:
 how far the rule is from the exact gradient along the way, not only at initialisation.
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -43,48 +43,24 @@ from typing import Any
 
 import torch
 
-from ep_core.config import Config, ConfigError, option
-from ep_core.files import write_atomic
+from ep_core.config import ConfigError
+from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import environment, gradient_metrics, jsonable
-from ep_core.errors import EpxError, Interrupted
+from ep_core.errors import EpxError, FileFormatError, Interrupted, ResumeError
 from ep_core.protocols import parameter_groups
 from ep_core.analysis import fixed_point_stability
+from ep_core.schedule import TrainConfig, learning_rate
 from ep_core.relax import free_phase, inner, parameter_gradient, relaxation_map
 from ep_core.plugins import Registry
 from ep_core.seeding import (DATA_STREAM, ESTIMATOR_STREAM, EVAL_MASK_STREAM, EVAL_STREAM, MASK_STREAM,
-                             PENALTY_STREAM, PROBE_STREAM, generator)
-from ep_core.session import (DTYPES, build_estimator, build_model, check_requires, data_kind, default_batch_size,
-                             draw_batch, load_data)
+                             PENALTY_STREAM, PROBE_STREAM, check_seed, generator)
+from ep_core.session import (DTYPES, build_estimator, build_model, check_batch_size, check_model_settings,
+                             check_requires, data_kind, default_batch_size, draw_batch, load_data, resolve_device,
+                             split_estimator_settings)
 
 RUN_FORMAT = "epx.run/1"
 CHECKPOINT_FORMAT = "epx.checkpoint/1"
 RUN_FILE, LOG_FILE, CHECKPOINT_FILE = "run.json", "log.jsonl", "checkpoint.pt"
-
-
-@dataclass(frozen=True)
-class TrainConfig(Config):
-    steps: int = option(300, "optimizer steps", ge=1)
-    lr: float = option(3e-3, "peak learning rate", gt=0)
-    warmup: int = option(20, "steps of linear warm-up to lr", ge=0)
-    min_lr: float = option(0.1, "learning rate at the end of the cosine decay, as a fraction of lr", ge=0, le=1)
-    weight_decay: float = option(0.01, "decoupled weight decay (AdamW) or L2 penalty (SGD)", ge=0)
-    optimizer: str = option("adamw", "the optimizer: adamw, or sgd with momentum 0.9", choices=("adamw", "sgd"))
-    clip: float | None = option(1.0, "largest gradient norm of each parameter group; none: no clipping", gt=0,
-                                optional=True)
-    eval_every: int = option(25, "steps between validation losses (also at step 0 and at the end)", ge=1)
-    eval_batches: int = option(4, "held-out batches per validation loss", ge=1)
-    jacobian_penalty: float = option(0.0, "weight λ of the Jacobian penalty λ·||J_G(x*)||²_F/n; 0: off", ge=0)
-    diagnose_every: int = option(50, "steps between comparisons with the reference gradient; 0: never", ge=0)
-    checkpoint_every: int = option(50, "steps between checkpoints (also at the end)", ge=1)
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """η for the update of step ``step`` (1-based): linear warm-up, then cosine decay to min_lr·lr."""
-    if step <= config.warmup:
-        return config.lr * step / config.warmup
-    decay_steps = config.steps - config.warmup
-    done = (step - config.warmup) / decay_steps
-    return config.lr * (config.min_lr + (1 - config.min_lr) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -138,11 +114,15 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     """
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"{dtype!r} is not valid; valid: {', '.join(DTYPES)}")
-    rule = build_estimator(registry, estimator, settings)
-    exact = build_estimator(registry, reference) if reference not in (None, estimator) else None
-    config = TrainConfig.from_mapping(train_settings or {})
+    check_seed(seed)
+    resolve_device(device)
+    rule_class = registry.get("estimator", estimator).factory
     model_class = registry.get("model", model).factory
-    model_class.Config.from_mapping(model_settings or {})
+    routed = split_estimator_settings(settings or {}, {estimator: rule_class}, model_class)
+    rule = build_estimator(registry, estimator, routed[estimator])
+    exact = build_estimator(registry, reference) if reference not in (None, estimator) else None
+    config = TrainConfig.from_mapping(train_settings or {}).resolved()
+    check_model_settings(model_class, model_settings or {}, {estimator: rule_class})
     kind = data_kind(model_class)
     dataset = load_data(registry, data, kind=kind, data_dir=data_dir, download=download, warn=warn)
     held_out = None
@@ -157,6 +137,7 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
         raise ConfigError("model", f"{model} has no trainable parameters")
     check_requires(estimator, type(rule), network, model)
     batch_size = default_batch_size(model_class) if batch_size is None else batch_size
+    check_batch_size(network, dataset, batch_size, held_out=held_out)
     spec = {"estimator": {"name": estimator, "config": rule.config.to_dict()},
             "model": {"name": model, "config": network.config.to_dict()},
             "data": {"requested": data, "name": dataset.name if dataset is not None else "synthetic"},
@@ -236,41 +217,151 @@ def save_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer, gene
     write_atomic(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer,
-                    generators: Mapping[str, torch.Generator]) -> int:
-    """Restore ``run``, ``optimizer`` and ``generators`` from ``path``; return the step it was taken after."""
+RUN_SPEC_KEYS = ("estimator", "model", "data", "batch_size", "seed", "dtype", "device", "reference", "train")
+LOG_KINDS = ("train", "eval", "checkpoint")
+_START_OVER = "delete the run directory or choose another --out to start over"
+
+
+def read_run(directory: Path) -> dict[str, Any]:
+    """The run ``directory``'s run.json, checked: a dict of format epx.run/1 with every key of the run's spec
+    (:data:`RUN_SPEC_KEYS`) of the right type. It is what ``epx train --resume --out DIR`` rebuilds the run from."""
+    path = Path(directory) / RUN_FILE
+    if not path.exists():
+        raise ResumeError(f"--out: {directory} holds no run to resume ({RUN_FILE} is missing); start one without "
+                          "--resume")
+    data = read_json(path, what=f"an {RUN_FORMAT} run description", remedy=_START_OVER)
+    require(path, isinstance(data, dict), f"not an {RUN_FORMAT} run description: it holds a "
+                                          f"{type(data).__name__}, not an object", _START_OVER)
+    require(path, data.get("format") == RUN_FORMAT, f"not an {RUN_FORMAT} run description (format "
+                                                     f"{data.get('format')!r})", _START_OVER)
+    missing = [key for key in RUN_SPEC_KEYS if key not in data]
+    require(path, not missing, f"incomplete run description: no {', '.join(missing)}", _START_OVER)
+    named = {"estimator": ("name", "config"), "model": ("name", "config"), "data": ("requested", "name")}
+    for key, fields in named.items():
+        value = data[key]
+        require(path, isinstance(value, dict) and all(f in value for f in fields),
+                f"{key!r} must be an object with {' and '.join(fields)}", _START_OVER)
+        require(path, isinstance(value[fields[0]], str) and isinstance(value[fields[1]], dict | str),
+                f"{key!r} has a {fields[0]} or {fields[1]} of the wrong type", _START_OVER)
+    for key, kind in (("batch_size", int), ("seed", int), ("dtype", str), ("device", str), ("train", dict)):
+        require(path, isinstance(data[key], kind) and not isinstance(data[key], bool),
+                f"{key!r} must be a {kind.__name__}, got {data[key]!r}", _START_OVER)
+    require(path, data["reference"] is None or isinstance(data["reference"], str),
+            f"'reference' must be a name or null, got {data['reference']!r}", _START_OVER)
+    return data
+
+
+def spec_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf where two run specs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [difference for key in sorted(set(old) | set(new), key=str)
+                for difference in spec_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The payload of an epx checkpoint, loaded with ``weights_only=True`` and checked key by key."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise EpxError(f"{path}: not a readable epx checkpoint ({type(exc).__name__}: {exc}); delete the run "
-                       "directory or choose another --out") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise EpxError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
-    if json.loads(payload["spec"]) != run.spec:
-        raise EpxError(f"{path} was written by a different run; resume with the options in "
-                       f"{path.parent / RUN_FILE}, or choose another --out")
-    run.model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    for name, g in generators.items():
-        g.set_state(payload["rng"][name])
-    load_state = getattr(run.estimator, "load_state_dict", None)
-    if callable(load_state):
-        load_state(payload["estimator"])
-    return int(payload["schedule"]["step"])
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the bytes, the message is the same
+        reason = " ".join(str(exc).split())[:200]
+        raise FileFormatError(path, f"not a readable epx checkpoint ({type(exc).__name__}: {reason})",
+                              _START_OVER) from None
+    require(path, isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT,
+            f"not an {CHECKPOINT_FORMAT} checkpoint", _START_OVER)
+    kinds = {"step": int, "spec": str, "model": dict, "optimizer": dict, "schedule": dict, "rng": dict,
+             "estimator": dict}
+    for key, kind in kinds.items():
+        require(path, isinstance(payload.get(key), kind), f"checkpoint without a valid {key!r} "
+                                                          f"(expected {kind.__name__})", _START_OVER)
+    require(path, payload["step"] >= 0 and payload["schedule"].get("step") == payload["step"],
+            "checkpoint with an inconsistent step", _START_OVER)
+    for name, tensor in [*payload["model"].items(), *payload["rng"].items()]:
+        require(path, isinstance(tensor, torch.Tensor), f"checkpoint entry {name!r} is not a tensor", _START_OVER)
+    for name, state in payload["rng"].items():
+        require(path, state.dtype == torch.uint8 and state.dim() == 1,
+                f"generator state {name!r} is not a uint8 vector", _START_OVER)
+    return payload
 
 
-def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
-    """The records of steps ≤ ``upto``: later ones belong to steps the resumed run will redo. A line cut short
-    by a kill is skipped."""
+def checkpoint_step(directory: Path) -> int:
+    """The step after which the checkpoint of run ``directory`` was taken; a ResumeError when there is none."""
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.exists():
+        raise ResumeError(f"nothing to resume: {path} does not exist (the run stopped before its first "
+                          f"checkpoint); {_START_OVER}")
+    return read_checkpoint(path)["step"]
+
+
+def load_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer,
+                    generators: Mapping[str, torch.Generator]) -> int:
+    """Restore ``run``, ``optimizer`` and ``generators`` from ``path``; return the step it was taken after.
+
+    Every tensor is checked against the model (names, shapes, dtypes) before anything is changed, so a bad
+    checkpoint is an error naming what does not fit, and the model is left as it was."""
+    payload = read_checkpoint(path)
+    try:
+        written_by = json.loads(payload["spec"])
+    except json.JSONDecodeError:
+        raise FileFormatError(path, "the checkpoint's run description is not JSON", _START_OVER) from None
+    if written_by != run.spec:
+        differing = "; ".join(f"{key}: {then!r} there, {now!r} now"
+                              for key, then, now in spec_differences(written_by, run.spec))
+        raise ResumeError(f"{path} was written by a different run ({differing}); resume with the options in "
+                          f"{path.parent / RUN_FILE} (`epx train --resume --out {path.parent}` alone uses them), or "
+                          "choose another --out")
+    expected = run.model.state_dict()
+    saved = payload["model"]
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    require(path, not missing and not extra,
+            f"its model has other tensors than {type(run.model).__name__}: missing {missing}, unexpected {extra}",
+            _START_OVER)
+    wrong = [f"{name} {tuple(saved[name].shape)} {saved[name].dtype} (the model has {tuple(t.shape)} {t.dtype})"
+             for name, t in expected.items() if saved[name].shape != t.shape or saved[name].dtype != t.dtype]
+    require(path, not wrong, f"tensors of the wrong shape or dtype: {'; '.join(wrong)}", _START_OVER)
+    require(path, set(payload["rng"]) == set(generators),
+            f"generator states for {sorted(payload['rng'])}, expected {sorted(generators)}", _START_OVER)
+    before = {name: t.clone() for name, t in expected.items()}
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+        for name, g in generators.items():
+            g.set_state(payload["rng"][name])
+        load_state = getattr(run.estimator, "load_state_dict", None)
+        if callable(load_state):
+            load_state(payload["estimator"])
+        run.model.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        run.model.load_state_dict(before)
+        reason = " ".join(str(exc).split())[:200]
+        raise FileFormatError(path, f"cannot be restored ({type(exc).__name__}: {reason})", _START_OVER) from None
+    return payload["step"]
+
+
+def read_log(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The records of steps ≤ ``upto`` (all by default): later ones belong to steps a resumed run will redo. Only
+    the last line
+    may be cut short (a kill while it was written), and is skipped; anything else that is not a log record is an
+    error naming the line."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(path, f"cannot be read as text ({exc})", _START_OVER) from None
     records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= upto:
-                records.append(record)
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise FileFormatError(path, f"line {number} is not JSON", _START_OVER) from None
+        require(path, isinstance(record, dict) and record.get("kind") in LOG_KINDS
+                and isinstance(record.get("step"), int) and not isinstance(record.get("step"), bool),
+                f"line {number} is not an epx log record (needs a kind in {', '.join(LOG_KINDS)} and an integer "
+                "step)", _START_OVER)
+        if upto is None or record["step"] <= upto:
+            records.append(record)
     return records
 
 
@@ -289,11 +380,12 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
         checkpoint, log_path = directory / CHECKPOINT_FILE, directory / LOG_FILE
         if resume and checkpoint.exists():
             start = load_checkpoint(checkpoint, run, optimizer, generators)
-            records = _read_log(log_path, start)
+            records = read_log(log_path, start)
         elif resume:
-            raise EpxError(f"nothing to resume: {checkpoint} does not exist")
-        elif checkpoint.exists() or log_path.exists():
-            raise EpxError(f"{directory} already holds a run; pass --resume to continue it, or choose another --out")
+            checkpoint_step(directory)
+        elif checkpoint.exists() or log_path.exists() or (directory / RUN_FILE).exists():
+            raise ResumeError(f"--out: {directory} already holds a run; pass --resume to continue it, or choose "
+                              "another --out")
         write_atomic(directory / RUN_FILE, json.dumps({"format": RUN_FORMAT, **run.spec,
                                                        "dataset": run.data_description,
                                                        "environment": environment()}, indent=2) + "\n")
@@ -350,7 +442,8 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
             record["loss"] = float(model.cost(estimate.fixed_point, batch))
     if "residual" in estimate.stats:
         record["residual"] = estimate.stats["residual"]
-    if run.reference is not None and config.diagnose_every and step % config.diagnose_every == 0:
+    if run.reference is not None and config.diagnose_every and (step % config.diagnose_every == 0
+                                                                or step == config.steps):
         exact = run.reference.estimate(model, batch, generator=generator(run.seed, PROBE_STREAM))
         metrics = gradient_metrics(estimate.grads, exact.grads, groups)
         record["diagnostic"] = {"cosine": metrics["cosine"], "groups": metrics["groups"],

@@ -567,24 +567,24 @@ def test_describe_is_json(sample):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_register_builtin_datasets(isolated):
-    registered: dict[str, tuple] = {}
+def test_builtin_datasets_are_registered_by_reference_with_summaries(isolated):
+    from ep_core.plugins import load
 
-    def register(name, factory, **kw):
-        registered[name] = (factory, kw)
-
-    data.register_builtin_datasets(register)
-    assert set(registered) == {"fashionmnist", "sample", "auto", "shakespeare"}
-    for name, (factory, kw) in registered.items():
-        assert isinstance(kw.get("summary"), str) and kw["summary"]
+    registry = load(entry_points=False)
+    assert set(registry.names("dataset")) == {"fashionmnist", "sample", "auto", "shakespeare"}
+    registered = {}
+    for name in registry.names("dataset"):
+        entry = registry.get("dataset", name)
+        assert entry.target == f"ep_core.data:{name}_dataset" and entry.summary
         kind = "text" if name == "shakespeare" else "images"
-        assert factory.__kwdefaults__ == {"data_dir": None, "download": True, "warn": None, "split": "train",
-                                          "kind": kind}
-    assert registered["sample"][0]().source == "generated"
+        assert entry.factory.__kwdefaults__ == {"data_dir": None, "download": True, "warn": None, "split": "train",
+                                                "kind": kind}
+        registered[name] = entry.factory
+    assert registered["sample"]().source == "generated"
     seen: list[str] = []
-    assert registered["auto"][0](download=False, warn=seen.append).name == "sample" and len(seen) == 1
+    assert registered["auto"](download=False, warn=seen.append).name == "sample" and len(seen) == 1
     with pytest.raises(DataNotFound):
-        registered["fashionmnist"][0](download=False)
+        registered["fashionmnist"](download=False)
 
 
 def test_a_truncated_published_file_is_a_checksum_error_naming_file_and_expected_sha(tmp_path, real_data_dir):

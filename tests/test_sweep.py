@@ -3,6 +3,7 @@
 import builtins
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,11 +119,26 @@ def test_summary_pools_seeds_and_the_aep_gain_is_visible():
     sweep = run_sweep(load(), _toy_spec(vary=("model.coupling=0.6",), settings={"T2": "100", "beta": "0.001"},
                                         seeds=(0, 1, 2)))
     (row,) = summarize(sweep.to_json(), group="coupling")
-    assert row["seeds"] == 3
+    assert row["seeds"] == row["seeds_run"] == 3 and row["failed_seeds"] == row["errors"] == []
     aep_mean, aep_std = row["estimators"]["aep"]["group_cosine"]
     ep_mean, _ = row["estimators"]["ep"]["group_cosine"]
     assert aep_mean > 0.999 and aep_std < 1e-3 and ep_mean < aep_mean
     assert row["fixed_point_distance"] == 0.0
+
+
+def test_summary_counts_the_seeds_that_failed():
+    def record(seed, status):
+        base = {"id": str(seed), "values": {"s": "1"}, "seed": seed, "status": status}
+        if status == "failed":
+            return base | {"error": f"diverged (seed {seed})"}
+        results = [{"label": label, "residual": 1e-5, "converged": True, "ms_median": 3.0, "fixed_point_distance": {},
+                    "metrics": {"cosine": cosine, "groups": {}}} for label, cosine in (("bptt", 1.0), ("aep", 0.9))]
+        return base | {"comparison": {"reference": "bptt", "results": results}}
+
+    (row,) = summarize({"records": [record(0, "ok"), record(1, "failed"), record(2, "ok"), record(3, "failed")]})
+    assert (row["seeds"], row["seeds_run"]) == (2, 4)
+    assert row["failed_seeds"] == [1, 3] and row["errors"] == ["diverged (seed 1)", "diverged (seed 3)"]
+    assert row["estimators"]["aep"]["cosine"] == pytest.approx((0.9, 0.0)) and row["converged"] is True
 
 
 def test_a_diverging_point_is_recorded_and_the_sweep_goes_on():
@@ -181,7 +197,10 @@ def test_cli_table_json_and_plot(tmp_path):
     png = plot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     table = runner.invoke(cli_main.cli, _sweep_command(out), catch_exceptions=False)
-    assert "aep cos attention" in table.stdout and "resumed: 6 point(s)" in table.stderr
+    assert "aep cos" in table.stdout and "attention" in table.stdout and "resumed: 6 point(s)" in table.stderr
+    seeds = re.findall(r"│ +(\d/1) │", table.stdout)
+    assert seeds and len(seeds) % 6 == 0 and set(seeds) <= {"0/1", "1/1"}
+    assert ("0/1" in seeds) == ("failed runs: " in table.stdout)
 
 
 def test_plot_without_matplotlib_exits_2_with_the_install_hint(tmp_path, monkeypatch):
@@ -209,3 +228,23 @@ def test_unknown_group_and_mismatched_file_are_usage_errors(tmp_path):
     assert first.exit_code == 0
     other = runner.invoke(cli_main.cli, ["sweep", "aep", "--model", "toy", "--vary", "beta=0.2", "--out", str(out)])
     assert other.exit_code == 2 and "holds a different sweep" in other.stderr
+
+
+def test_a_log_axis_labels_exactly_the_swept_values(tmp_path, monkeypatch):
+    import epx_cli.plot as plot
+
+    values = ["0.25", "0.5", "1", "2", "4", "8"]
+    rows = [{"values": {"s": v}, "seeds": 1, "residual": (1e-5, 0.0),
+             "estimators": {label: {"cosine": (c, 0.0), "group_cosine": None, "ms": (5.0, 0.0)}
+                            for label, c in (("bptt", 1.0), ("aep", 0.99))}} for v in values]
+    sweep = {"spec": {"model": "cet", "reference": "bptt", "model_settings": {}, "settings": {}},
+             "axes": [{"key": "s", "owners": ["model"], "values": values}]}
+    figures = []
+    monkeypatch.setattr(plot, "save_png", lambda fig, path: figures.append(fig))
+    plot.plot_sweep(sweep, rows, tmp_path / "s.png", group=None, panel="ms")
+    (figure,) = figures
+    figure.canvas.draw()
+    axis = figure.axes[-1]
+    assert axis.get_xscale() == "log"
+    labels = [t.get_text() for t in axis.xaxis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+    assert labels == values

@@ -19,6 +19,7 @@ import torch
 
 from ep_core import data, text
 from ep_core.data import ChecksumError, DataNotFound, ImageDataset
+from ep_core.plugins import load
 from ep_core.text import (
     SHAKESPEARE_SHA256,
     SHAKESPEARE_SIZE,
@@ -485,8 +486,8 @@ def test_dataset_validates_its_fields():
 
 def test_registered_factories_dispatch_on_kind(isolated, no_env, monkeypatch):
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (isolated / "system",))
-    registered: dict = {}
-    data.register_builtin_datasets(lambda name, factory, **kw: registered.setdefault(name, factory))
+    registry = load(entry_points=False)
+    registered = {name: registry.get("dataset", name).factory for name in registry.names("dataset")}
     assert set(registered) == set(data.DATASET_NAMES)
     assert ImageDataset.kind == "images" and TextDataset.kind == "text"
     assert isinstance(registered["sample"](), ImageDataset)
@@ -507,7 +508,7 @@ def test_registered_factories_dispatch_on_kind(isolated, no_env, monkeypatch):
 @needs_real
 def test_shakespeare_factory_returns_text(monkeypatch):
     monkeypatch.setenv("EPX_DATA_DIR", str(REAL_ROOT))
-    registered: dict = {}
-    data.register_builtin_datasets(lambda name, factory, **kw: registered.setdefault(name, factory))
+    registry = load(entry_points=False)
+    registered = {name: registry.get("dataset", name).factory for name in registry.names("dataset")}
     ds = registered["shakespeare"](download=False, split="test", kind="images")
     assert isinstance(ds, TextDataset) and len(ds) == N_VAL

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_a_run_directory_is_not_overwritten_and_resume_checks_the_options(tmp_pa
     train(toy_run(steps="2"), directory=tmp_path)
     with pytest.raises(EpxError, match="already holds a run; pass --resume"):
         train(toy_run(steps="2"), directory=tmp_path)
-    with pytest.raises(EpxError, match="written by a different run"):
+    with pytest.raises(EpxError, match="written by a different run .train.lr: 0.05 there, 0.01 now"):
         train(toy_run(steps="2", lr="0.01"), directory=tmp_path, resume=True)
     with pytest.raises(EpxError, match="nothing to resume"):
         train(toy_run(), directory=tmp_path / "empty", resume=True)
@@ -153,6 +154,44 @@ def test_sigkill_then_resume_ends_bitwise_identical_to_an_uninterrupted_run(tmp_
         assert torch.equal(tensor, resumed["model"][name]), name
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 40
+
+
+def test_ctrl_c_then_the_printed_resume_command_ends_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    common = ["train", "aep", "--model", "toy", "--model-set", "conservative=false", "--batch-size", "8",
+              "--steps", "40", "--checkpoint-every", "5", "--eval-every", "10", "--diagnose-every", "0"]
+    env = {**os.environ, "EPX_THREADS": "1"}
+    epx = [sys.executable, "-m", "epx_cli"]
+    subprocess.run([*epx, *common, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+
+    stopped = tmp_path / "stopped dir"  # a space: the printed command must quote it
+    process = subprocess.Popen([*epx, *common, "--out", str(stopped)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log = stopped / LOG_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and '"step": 10' in log.read_text()):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert "Traceback" not in stderr
+    command = shlex.split(line.split("to continue, run: ", 1)[1])
+    assert command == ["epx", "train", "--resume", "--out", str(stopped)]
+    stopped_at = torch.load(stopped / CHECKPOINT_FILE, weights_only=True)["step"]
+    assert 10 <= stopped_at < 40, "the stop must land mid-run for this test to mean anything"
+
+    resumed_run = subprocess.run([*epx, *command[1:]], env=env, capture_output=True, text=True)
+    assert resumed_run.returncode == 0, resumed_run.stderr
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_FILE, weights_only=True)
+    resumed = torch.load(stopped / CHECKPOINT_FILE, weights_only=True)
+    assert whole["step"] == resumed["step"] == 40
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+    again = subprocess.run([*epx, *command[1:]], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "is complete: 40 of 40 steps" in " ".join(again.stderr.split())
+    assert "val loss" in again.stdout or "val" in again.stdout
 
 
 def test_train_command_prints_the_table_and_is_registered_through_the_hook(tmp_path):

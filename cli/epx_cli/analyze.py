@@ -14,9 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ep_core.config import ConfigError
-from ep_core.protocols import EquilibriumModel
-from epx_cli.main import apply_options, check_device, emit, err, handle_errors, model_data_options, registry, warn
-from epx_cli.render import fmt_number
+from epx_cli.main import (HandledGroup, OutputPath, UnitLog, apply_options, check_device, emit, err,
+                          model_data_options, out, registry, warn, wide_option)
+from epx_cli.render import Stacked, colour_legend, fmt_number
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +29,9 @@ FIXED_POINT_FORMAT = "epx.analysis.fixed-point/1"
 model_options = apply_options([
     *model_data_options(),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
-    click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    click.option("--out", "out_file", type=OutputPath(), default=None,
                  help="Also write the result as JSON to this file (atomically)."),
+    wide_option,
 ])
 
 
@@ -53,6 +54,7 @@ class Setup:
 
     def build(self, overrides: dict[str, str] | None = None) -> tuple[Any, Data]:
         """(model, prepared batch) with ``overrides`` on top of the user's settings."""
+        from ep_core.protocols import EquilibriumModel
         from ep_core.session import DTYPES, build_batch, build_model, data_kind, load_data
 
         if self.dataset is None and data_kind(self.model_class) != "synthetic":
@@ -91,10 +93,11 @@ def heading(analysis: str, result: dict[str, Any], varied: str | None = None) ->
 
 
 def show(result: dict[str, Any], title: str, table: Table, notes: list[str], as_json: bool,
-         out_file: Path | None) -> None:
-    # The title is a line of its own rather than the table's title: rich wraps a title to the table's width, and
-    # these tables are narrow.
-    emit(result, [Text(title, style="italic"), table], notes, as_json=as_json, out_file=out_file)
+         out_file: Path | None, wide: bool, *, keys: int, colours: str) -> None:
+    """The table (its first ``keys`` columns repeated if it has to be split), and a legend of its ``colours``."""
+    table.title = title
+    with out.natural_width(wide):
+        emit(result, [Stacked(table, keys=keys), colour_legend(colours)], notes, as_json=as_json, out_file=out_file)
 
 
 def parse_values(text: str, option: str) -> list[str]:
@@ -116,7 +119,7 @@ def fmt_residual(value: float, tol: float) -> Text:
     return Text(f"{value:.1e}", style="" if value <= tol else "red")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HandledGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def analyze() -> None:
     """Diagnose a model's free dynamics: non-conservativeness and fixed-point stability."""
 
@@ -127,10 +130,9 @@ def analyze() -> None:
               help="Random directions v; the table shows mean ± std over them.")
 @click.option("--vary-s", "vary_s", default=None, metavar="S1,S2,...",
               help="One row per value of the model's non-conservative scale s, e.g. 0,0.5,1,2.")
-@handle_errors
 def antisymmetry(model_name: str, model_settings: tuple[str, ...], data: str, data_dir: str | None,
                  no_download: bool, batch_size: int, seed: int, device: str, dtype: str, as_json: bool,
-                 out_file: Path | None, samples: int, vary_s: str | None) -> None:
+                 out_file: Path | None, samples: int, vary_s: str | None, wide: bool) -> None:
     """||A_J v|| / ||J v|| at the free end point, A_J the antisymmetric part of the force Jacobian J.
 
     Per part of the state and for the whole state, mean ± std over random v. 0 means the force is a gradient
@@ -152,14 +154,18 @@ def antisymmetry(model_name: str, model_settings: tuple[str, ...], data: str, da
             raise ConfigError("--vary-s", "s is also given with --model-set; give it in one place")
         rows = [{"s": value} for value in parse_values(vary_s, "--vary-s")]
     results, description = [], {}
+    log = UnitLog("antisymmetry")
     with err.status("starting") as status:
         for done, overrides in enumerate(rows):
-            status.update(f"[{done}/{len(rows)}] {', '.join(f'{k}={v}' for k, v in overrides.items())}")
+            label = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the model"
+            status.update(f"[{done}/{len(rows)}] {label}")
+            log.start(label, done, len(rows))
             model, prepared = setup.build(overrides)
             description = prepared.description
             settings = {key: getattr(model.config, key) for key in overrides}
             results.append({"settings": settings, **measure(model, prepared.batch, samples=samples,
                                                             generator=setup.generator())})
+        log.finish()
     result = {**setup.meta(ANTISYMMETRY_FORMAT, description), "samples": samples,
               "converged_tol": CONVERGED_TOL, "vary": None if vary_s is None else "s", "results": results}
 
@@ -181,17 +187,17 @@ def antisymmetry(model_name: str, model_settings: tuple[str, ...], data: str, da
                          f"{CONVERGED_TOL:g}): J is taken where T1 steps end, not at a fixed point; see "
                          "`epx analyze fixed-point`")
     title = heading(f"antisymmetry ||A_J v|| / ||J v||, mean ± std over {samples} v", result, result["vary"])
-    show(result, title, table, notes, as_json, out_file)
+    show(result, title, table, notes, as_json, out_file, wide, keys=int(vary_s is not None),
+         colours=f"residual red above {CONVERGED_TOL:.0e} (the free phase did not converge; see the note)")
 
 
 @analyze.command("fixed-point")
 @model_options
 @click.option("--iterations", default=50, show_default=True, type=click.IntRange(min=1),
               help="Arnoldi steps (vjp applications) for the spectral radius of J_G.")
-@handle_errors
 def fixed_point(model_name: str, model_settings: tuple[str, ...], data: str, data_dir: str | None,
                 no_download: bool, batch_size: int, seed: int, device: str, dtype: str, as_json: bool,
-                out_file: Path | None, iterations: int) -> None:
+                out_file: Path | None, iterations: int, wide: bool) -> None:
     """Did the free phase converge, is it still contracting, or is there no stable fixed point nearby?
 
     Runs T1 free steps and T1 more on the same trajectory, and reports the residual at T1 and 2·T1 and the
@@ -229,4 +235,6 @@ def fixed_point(model_name: str, model_settings: tuple[str, ...], data: str, dat
     table.add_row("vjp applications", str(spectral["applications"]))
     verdict = diagnosis["verdict"]
     table.add_row("verdict", Text(verdict, style="bold green" if verdict == CONVERGED else "bold red"))
-    show(result, heading("fixed-point diagnosis", result), table, [diagnosis["advice"]], as_json, out_file)
+    show(result, heading("fixed-point diagnosis", result), table, [diagnosis["advice"]], as_json, out_file, wide,
+         keys=1, colours=f"red for a residual above {tol:.0e}, ρ ≥ 1 (the dynamics expand) or any verdict but "
+                         f"{CONVERGED}; green for ρ < 1 and {CONVERGED}")

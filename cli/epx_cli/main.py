@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,21 +22,41 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ep_core.errors import ConfigError, EpxError, Interrupted, PluginError, ThresholdError, UnknownNameError
-from ep_core.files import write_atomic
+from ep_core.errors import (EXIT_OK, EXIT_RUNTIME, ConfigError, EpxError, Interrupted, ThresholdError,
+                            UnknownNameError)
+from ep_core.files import check_output, write_atomic
+from ep_core.seeding import SEED_MAX
 from ep_core.plugins import Registry, load
-from epx_cli.render import comparison_notes, comparison_table, parameter_table
+from epx_cli.render import StdoutConsole, comparison_notes, comparison_report
 
 PER_PARAMETER_AUTO = 6
 
-# Piped output keeps every column of the comparison table instead of wrapping at rich's default 80.
-out = Console(width=None if sys.stdout.isatty() else 200)
+out = StdoutConsole()
 err = Console(stderr=True, soft_wrap=True)
 
 
 @functools.cache
 def registry() -> Registry:
     return load()
+
+
+INVOCATION = "epx.invocation"
+
+
+def invocation() -> str:
+    """The command line being run, quoted for a shell: what to run again to resume a resumable command."""
+    import shlex
+
+    return shlex.join(click.get_current_context().meta.get(INVOCATION, ["epx"]))
+
+
+def command_path(ctx: click.Context) -> str:
+    """``epx analyze fixed-point``: the command as typed, whatever name the program was started under."""
+    names = []
+    while ctx is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["epx", *reversed(names[:-1])])
 
 
 def fail(message: str, code: int) -> None:
@@ -49,31 +72,48 @@ def report(exc: EpxError) -> None:
     fail(str(exc), exc.exit_code)
 
 
-def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Map epx's exceptions to exit codes (from the class alone) and one-line messages; no tracebacks for expected
-    failures. Ctrl-C is an :class:`Interrupted` (exit 130) rather than click's bare "Aborted!"."""
+class HandledGroup(click.Group):
+    """A command group that reports every expected failure the same way, whichever command (a plugin's too) it
+    comes from: one ``error:`` line and the exit code of the error's class (ep_core.errors); click's own usage
+    errors as one line with a pointer to --help (exit 2); Ctrl-C as one ``interrupted:`` line (exit 130).
+    Anything else is a bug in epx and keeps its traceback."""
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        raw = [info_name or "epx", *args]
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta.setdefault(INVOCATION, raw)
+        return ctx
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
         try:
-            return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            report(Interrupted(f"during `epx {click.get_current_context().command_path.removeprefix('epx ')}`"))
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = f" (see `{command_path(exc.ctx)} --help`)" if exc.ctx is not None else ""
+            fail(exc.format_message() + where, exc.exit_code)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            report(Interrupted("by the user (Ctrl-C); nothing was kept"))
         except EpxError as exc:
             report(exc)
-    return wrapper
+        except BrokenPipeError:
+            # The reader went away (`epx list | head`): stop quietly, without a second error at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_RUNTIME)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else EXIT_OK)
 
 
-class EpxGroup(click.Group):
+class EpxGroup(HandledGroup):
     """Adds plugins' commands on first use, so `epx` works even if a plugin's commands fail."""
 
     def _plugin_commands(self) -> None:
         if not getattr(self, "_loaded", False):
             self._loaded = True
-            try:
-                registry().add_commands(self)
-            except PluginError as exc:
-                report(exc)
+            registry().add_commands(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._plugin_commands()
@@ -98,9 +138,15 @@ def cli(threads: int) -> None:
     epx info aep                          an estimator's options and exact limit
     epx plugins                           which plugins loaded, and which failed
     """
+
+
+def use_torch() -> None:
+    """Load torch and give it the thread count of --threads. Commands that compute call this first; those that
+    only list or explain (--help, list, plugins) never load torch, so they start at once."""
     import torch
 
-    torch.set_num_threads(threads)
+    context = click.get_current_context(silent=True)
+    torch.set_num_threads(context.find_root().params.get("threads", 1) if context is not None else 1)
 
 
 KIND_OPTIONS = {"estimators": "estimator", "models": "model", "datasets": "dataset"}
@@ -108,7 +154,6 @@ KIND_OPTIONS = {"estimators": "estimator", "models": "model", "datasets": "datas
 
 @cli.command("list")
 @click.argument("kind", required=False, type=click.Choice(sorted(KIND_OPTIONS)))
-@handle_errors
 def list_command(kind: str | None) -> None:
     """List registered estimators, models and datasets."""
     reg = registry()
@@ -127,12 +172,15 @@ def list_command(kind: str | None) -> None:
 
 @cli.command()
 @click.argument("name")
-@handle_errors
-def info(name: str) -> None:
+@click.pass_context
+def info(ctx: click.Context, name: str) -> None:
     """Show what NAME (an estimator, model or dataset) is: summary, exact limit, options and their ranges."""
     reg = registry()
     matches = [reg.entries[k][name] for k in ("estimator", "model", "dataset") if name in reg.entries[k]]
     if not matches:
+        if name in cli.list_commands(ctx):
+            raise ConfigError("NAME", f"{name!r} is a command, not an estimator, model or dataset: see "
+                                      f"`epx {name} --help`")
         every = [n for k in ("estimator", "model", "dataset") for n in reg.names(k)]
         raise UnknownNameError("estimator, model or dataset", name, every)
     for entry in matches:
@@ -159,10 +207,19 @@ def info(name: str) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@handle_errors
-def plugins(as_json: bool) -> None:
-    """List plugins: where each came from, what it registered, and why it failed if it did."""
+@click.option("--load", "load_all", is_flag=True,
+              help="Also import everything each plugin registered by reference (which loads torch), so that one "
+                   "that cannot be imported shows as failed now rather than when it is first used.")
+def plugins(as_json: bool, load_all: bool) -> None:
+    """List plugins: where each came from, what it registered, and why it failed if it did.
+
+    Plugins usually register their estimators by reference (imported on first use), so a plugin listed as ok
+    has run its hooks; `--load` imports what they registered, too.
+    """
     reg = registry()
+    if load_all:
+        use_torch()
+        reg.load_all()
     records = [{"name": p.name, "distribution": p.distribution, "version": p.version, "status": p.status,
                 "registered": p.registered, "error": p.error} for p in reg.plugins]
     if as_json:
@@ -178,6 +235,56 @@ def plugins(as_json: bool) -> None:
     out.print(table)
 
 
+class OutputPath(click.ParamType):
+    """A path epx will write (a file, or with ``directory`` a run directory), checked when the command line is
+    read, so that a long run does not end in a file it cannot write."""
+
+    name = "path"
+
+    def __init__(self, *, directory: bool = False):
+        self.directory = directory
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        path = Path(value).expanduser()
+        try:
+            check_output(path, option=param.opts[0] if param else "path", directory=self.directory)
+        except ConfigError as exc:
+            self.fail(str(exc).split(": ", 1)[-1], param, ctx)
+        return path
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is finite (a NaN threshold can never fail) and, optionally, within [low, high]."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None):
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            self.fail(f"{value!r} is outside [{self.low}, {self.high}]", param, ctx)
+        return number
+
+
+def write_output(path: Path, write: Callable[[Path], None] | str) -> None:
+    """Write a result file (``write(path)``, or the text itself atomically) and say so on stderr, naming the
+    directories that had to be created for it."""
+    created = check_output(path, option=str(path))
+    if isinstance(write, str):
+        write_atomic(path, write)
+    else:
+        write(path)
+    made = f" (created {', '.join(str(d) for d in created)})" if created else ""
+    err.print(f"wrote {escape(str(path))}{escape(made)}", highlight=False)
+
+
 def apply_options(options: list[Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
@@ -186,23 +293,24 @@ def apply_options(options: list[Callable[..., Any]]) -> Callable[[Callable[..., 
     return decorate
 
 
-def model_data_options() -> list[Callable[..., Any]]:
-    """The options that say which model, on which data, seed, device and dtype (compare, sweep, analyze)."""
+def model_data_options(*, model_required: bool = True) -> list[Callable[..., Any]]:
+    """The options that say which model, on which data, seed, device and dtype (compare, sweep, analyze, train)."""
     return [
-        click.option("--model", "-m", "model_name", required=True,
+        click.option("--model", "-m", "model_name", required=model_required,
                      help="Model to measure on (see `epx list models`)."),
         click.option("--model-set", "model_settings", multiple=True, metavar="KEY=VALUE",
                      help="Model option, e.g. s=0.5, T1=400, eps=0.1, project=true."),
         click.option("--data", default="auto", show_default=True,
-                     help="Dataset; 'auto' uses Fashion-MNIST if found, else the generated 'sample' set with a "
-                          "warning."),
-        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Dataset (see `epx list datasets`); 'auto' uses the real data of the model's kind if found "
+                          "(Fashion-MNIST for image models such as cet, tiny Shakespeare for text models such as "
+                          "lm), else the generated 'sample' of that kind with a warning."),
+        click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
                      help="Where to look for data first (then $EPX_DATA_DIR, ~/.cache/epx, system locations)."),
         click.option("--no-download", is_flag=True, help="Never try to download data."),
         click.option("--batch-size", default=None, type=click.IntRange(min=1),
                      help="Samples per batch; default: the model's own (32 for cet and toy, 16 for lm)."),
-        click.option("--seed", default=0, show_default=True, type=int,
-                     help="Seeds initialisation, data and masks."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+                     help=f"Seeds initialisation, data and masks; an integer from 0 to {SEED_MAX}."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"])),
     ]
@@ -223,10 +331,11 @@ def comparison_options(*, repeats: int) -> Callable[[Callable[..., Any]], Callab
 
 
 def check_device(device: str) -> None:
-    import torch
+    """Load torch (use_torch) and refuse a device epx cannot compute on here."""
+    use_torch()
+    from ep_core.session import resolve_device
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", f"{device!r} requested but CUDA is not available here")
+    resolve_device(device)
 
 
 def check_names(estimators: tuple[str, ...], model_name: str, reference: str, device: str) -> Registry:
@@ -249,8 +358,7 @@ def emit(result: dict[str, Any], renderables: list[Any], notes: list[str], *, as
     """A result to --out (atomically) and to stdout: JSON with --json, else the renderables; notes to stderr."""
     text = json.dumps(result, indent=2, allow_nan=False)
     if out_file is not None:
-        write_atomic(out_file, text + "\n")
-        err.print(f"wrote {escape(str(out_file))}", highlight=False)
+        write_output(out_file, text + "\n")
     if as_json:
         click.echo(text)
         return
@@ -260,6 +368,37 @@ def emit(result: dict[str, Any], renderables: list[Any], notes: list[str], *, as
         err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
+wide_option = click.option(
+    "--wide", is_flag=True,
+    help="One table per result at its natural width, however long the lines (by default a table wider than the "
+         "terminal is split into several that each repeat the key column).")
+
+
+class UnitLog:
+    """Progress for a log file: when stderr is not a terminal (piped, redirected, CI), one plain line per finished
+    unit of a long command (an estimator, a sweep point, a check), with its time, so that a long run is never
+    silent. On a terminal the live status line or progress bar says it instead, and this prints nothing."""
+
+    def __init__(self, what: str):
+        self.what, self.enabled = what, not err.is_terminal
+        self.current: str | None = None
+        self.started = 0.0
+        self.position = (0, 0)
+
+    def start(self, label: str, done: int, total: int) -> None:
+        """Unit ``label`` starts, after ``done`` of ``total``; the one before it has finished."""
+        self.finish()
+        if done < total:
+            self.current, self.started, self.position = label, time.perf_counter(), (done + 1, total)
+
+    def finish(self) -> None:
+        if self.current is not None and self.enabled:
+            number, total = self.position
+            err.print(f"{self.what} [{number}/{total}] {escape(self.current)}: done in "
+                      f"{time.perf_counter() - self.started:.1f} s", highlight=False)
+        self.current = None
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message.removeprefix('warning: '))}", highlight=False)
 
@@ -267,18 +406,18 @@ def warn(message: str) -> None:
 @cli.command()
 @comparison_options(repeats=3)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_file", type=OutputPath(), default=None,
               help="Also write the comparison as JSON to this file (atomically).")
 @click.option("--per-parameter/--no-per-parameter", default=None,
               help="Also show the cosine of every parameter's gradient. Default: shown for models with at most "
                    f"{PER_PARAMETER_AUTO} parameters (lm, toy), not for larger ones (cet).")
-@click.option("--min-cosine", type=float, default=None,
+@click.option("--min-cosine", type=FiniteFloat(-1, 1), default=None,
               help="Exit 3 unless every estimator's overall cosine to the reference is at least this.")
-@handle_errors
+@wide_option
 def compare(estimators: tuple[str, ...], model_name: str, reference: str, settings: tuple[str, ...],
             model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, batch_size: int,
             seed: int, device: str, dtype: str, repeats: int, as_json: bool, out_file: Path | None,
-            per_parameter: bool | None, min_cosine: float | None) -> None:
+            per_parameter: bool | None, min_cosine: float | None, wide: bool) -> None:
     """Compare ESTIMATORS against the reference gradient on one model and batch.
 
     \b
@@ -289,9 +428,11 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
     from ep_core.session import parse_settings, run_comparison
 
     reg = check_names(estimators, model_name, reference, device)
+    log = UnitLog("compare")
     with err.status("starting") as status:
         def progress(label: str, done: int, total: int) -> None:
             status.update(f"[{done}/{total}] {label}")
+            log.start(label, done, total)
 
         comparison = run_comparison(
             reg, estimators, model_name, reference=reference,
@@ -301,8 +442,9 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
     result = comparison.to_json()
     if per_parameter is None:
         per_parameter = len(result["results"][0]["metrics"]["parameters"]) <= PER_PARAMETER_AUTO
-    tables = [comparison_table(result)] + ([parameter_table(result)] if per_parameter else [])
-    emit(result, tables, comparison_notes(result), as_json=as_json, out_file=out_file)
+    with out.natural_width(wide):
+        emit(result, comparison_report(result, per_parameter=per_parameter), comparison_notes(result),
+             as_json=as_json, out_file=out_file)
     if min_cosine is not None:
         below = [r["label"] for r in result["results"][1:]
                  if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine]
@@ -328,7 +470,6 @@ STATUS_STYLE = {"passed": "green", "failed": "bold red", "xfail": "yellow", "xpa
 @click.option("--suite", type=click.IntRange(min=1), default=None,
               help="Pin the suite version: failures of newer checks are warnings. Default: the latest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON instead of tables.")
-@handle_errors
 def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, checks: tuple[str, ...],
           suite: int | None, as_json: bool) -> None:
     """Run the conformance suite (ep_core.testing.check_estimator) on the estimators NAMES, without pytest.
@@ -340,8 +481,12 @@ def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, chec
     epx check ep aep adjoint
     epx check aep --set clip=1 --examples 25
     """
+    use_torch()
     from ep_core.session import parse_settings, split_estimator_settings
-    from ep_core.testing import CHECK_NAMES, check_estimator
+    from ep_core.testing import CHECK_NAMES, SUITE_VERSION, check_estimator
+
+    if suite is not None and suite > SUITE_VERSION:
+        raise ConfigError("--suite", f"{suite} is not a suite version; valid: 1 to {SUITE_VERSION} (the latest)")
 
     unknown = [c for c in checks if c not in CHECK_NAMES]
     if unknown:
@@ -350,11 +495,14 @@ def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, chec
     classes = {name: reg.get("estimator", name).factory for name in dict.fromkeys(names)}
     routed = split_estimator_settings(parse_settings(settings, "--set"), classes)
     reports = []
-    for name, cls in classes.items():
+    log = UnitLog("check")
+    for done, (name, cls) in enumerate(classes.items()):
         estimator = cls(cls.Config.from_mapping(routed[name]))
+        log.start(name, done, len(classes))
         with err.status(f"checking {name}: {len(checks) or len(CHECK_NAMES)} checks × {examples} problems"):
             reports.append(check_estimator(estimator, examples=examples, checks=checks or None, suite=suite,
                                            raise_on_failure=False))
+    log.finish()
     if as_json:
         click.echo(json.dumps([r.to_json() for r in reports], indent=2))
     for report in reports if not as_json else []:

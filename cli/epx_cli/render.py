@@ -1,23 +1,132 @@
-"""Rich renderings of epx results. Pure presentation: every number comes from the JSON form of a result."""
+"""Rich renderings of epx results. Pure presentation: every number comes from the JSON form of a result.
+
+No table ever cuts a number or a header: one wider than the console is stacked (:class:`Stacked`: split into
+several tables that each repeat its key columns), headers are short, and a legend under the tables says what
+they and the colours mean. Colour only ever repeats what the text already says, for terminals without it.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from rich.table import Table
+from rich.console import Console, ConsoleDimensions, ConsoleOptions, RenderableType, RenderResult
+from rich.table import Column, Table
 from rich.text import Text
+
+# Without COLUMNS and a terminal, output is read later (a file, a pager, CI logs) where long lines cost little.
+PIPED_WIDTH = 200
+# --wide: wider than any table epx prints, so none is split; not unlimited, as rich pads some lines to the width.
+NATURAL_WIDTH = 10_000
+GREEN, YELLOW = 0.999, 0.99
+COSINE_COLOURS = f"cosine green ≥ {GREEN} (then 5 decimals), yellow ≥ {YELLOW}, red < {YELLOW}"
+
+
+class StdoutConsole(Console):
+    """stdout, as wide as $COLUMNS when set, else as the terminal, else (piped) PIPED_WIDTH. rich fixes the width
+    once, when the console is made at import; this one looks again at every print, so that a COLUMNS set later
+    counts (click's CliRunner sets it per invocation)."""
+
+    natural = False
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        width, height = super().size
+        columns = os.environ.get("COLUMNS", "")
+        if self.natural:
+            width = NATURAL_WIDTH
+        elif columns.isdigit() and int(columns) > 0:
+            width = int(columns)
+        elif not self.file.isatty():
+            width = PIPED_WIDTH
+        return ConsoleDimensions(width, height)
+
+    @contextmanager
+    def natural_width(self, wide: bool) -> Iterator[None]:
+        """With ``wide`` (--wide), print tables at their natural width, unsplit, however long the lines get."""
+        previous, self.natural = self.natural, self.natural or wide
+        try:
+            yield
+        finally:
+            self.natural = previous
+
+
+class Stacked:
+    """``table`` laid out for the width it is rendered at. Its title comes first, on a line of its own that wraps
+    at spaces (a table's own title wraps at the table's width, mid-word when the table is narrow); then the table,
+    or, when it is wider than the console, its columns packed greedily into as many tables as needed, each
+    repeating the first ``keys`` columns (the ones that say what a row is); then its caption."""
+
+    def __init__(self, table: Table, *, keys: int = 1):
+        self.table, self.keys = table, keys
+
+    def _part(self, columns: list[Column]) -> Table:
+        part = copy.copy(self.table)
+        part.title = part.caption = None
+        # Fold rather than "…": should even one column not fit, a number wraps onto the next line whole.
+        part.columns = [dataclasses.replace(c, _index=i, overflow="fold") for i, c in enumerate(columns)]
+        return part
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.table.title:
+            yield _line(self.table.title, "italic")
+        keys, rest = self.table.columns[:self.keys], self.table.columns[self.keys:]
+        unlimited = options.update(max_width=NATURAL_WIDTH)
+
+        def fits(columns: list[Column]) -> bool:
+            return console.measure(self._part(columns), options=unlimited).maximum <= options.max_width
+
+        parts: list[list[Column]] = []
+        current: list[Column] = []
+        for column in rest:
+            if current and not fits(keys + current + [column]):
+                parts.append(current)
+                current = []
+            current.append(column)
+        for part in [*parts, current]:
+            yield self._part(keys + part)
+        if self.table.caption:
+            yield _line(self.table.caption)
+
+
+def _line(text: RenderableType, style: str = "") -> RenderableType:
+    return Text(text, style=style) if isinstance(text, str) else text
+
+
+def legend(*entries: str) -> Text:
+    return Text(" · ".join(entries), style="dim")
+
+
+def colour_legend(*entries: str) -> Text:
+    return legend("colours: " + entries[0], *entries[1:])
 
 
 def fmt_cosine(value: float | None) -> Text:
+    """At least 4 significant digits; 5 decimals from 0.999 on, where 4 would hide the differences that matter."""
     if value is None:
         return Text("n/a", style="dim")
-    style = "green" if value >= 0.999 else "yellow" if value >= 0.99 else "red"
-    digits = 5 if value >= 0.999 else 4
-    return Text(f"{value:.{digits}f}", style=style)
+    style = "green" if value >= GREEN else "yellow" if value >= YELLOW else "red"
+    text = f"{value:.5f}" if value >= GREEN else f"{value:.4f}" if abs(value) >= 0.1 else f"{value:#.4g}"
+    return Text(text, style=style)
 
 
 def fmt_number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def fmt_residual(value: float | None, converged: bool | None) -> Text:
+    """The free-phase residual, marked `!` (and red) when the free phase did not converge."""
+    if converged is False:
+        return Text(f"{value:.1e} !", style="red")
+    return Text(fmt_number(value, ".1e"))
+
+
+def residual_colours(tol: float) -> str:
+    return f"residual red and marked ! above {tol:.0e} (the free phase did not converge)"
 
 
 def fmt_bytes(value: int | None) -> str:
@@ -42,18 +151,13 @@ def comparison_title(data: dict[str, Any]) -> str:
 
 def comparison_table(data: dict[str, Any]) -> Table:
     groups = list(data["parameter_groups"])
-    table = Table(title=comparison_title(data), title_justify="left", header_style="bold")
-    table.add_column("estimator")
-    table.add_column("cos all", justify="right")
-    for group in groups:
-        table.add_column(f"cos {group}", justify="right")
-    for name, justify in (("rel err", "right"), ("norm ratio", "right"), ("ms/grad", "right"),
-                          ("peak mem", "right"), ("residual", "right"), ("F evals", "right")):
-        table.add_column(name, justify=justify)
+    table = Table(title=comparison_title(data), caption=fixed_point_line(data), header_style="bold")
+    table.add_column("estimator", no_wrap=True)
+    for header in ("cos\nall", *(f"cos\n{g}" for g in groups), "rel\nerr", "norm\nratio", "ms", "peak\nmem",
+                   "residual", "F\nevals"):
+        table.add_column(header, justify="right")
     for row in data["results"]:
         metrics = row["metrics"]
-        residual = Text(fmt_number(row["residual"], ".1e"),
-                        style="red" if row["converged"] is False else "")
         table.add_row(
             row["label"] + (" (ref)" if row["label"] == data["reference"] else ""),
             fmt_cosine(metrics["cosine"]),
@@ -62,11 +166,9 @@ def comparison_table(data: dict[str, Any]) -> Table:
             fmt_number(metrics["norm_ratio"], ".3g"),
             fmt_number(row["ms_median"], ".1f"),
             fmt_bytes(row["peak_memory_bytes"]),
-            residual,
+            fmt_residual(row["residual"], row["converged"]),
             fmt_number(row["force_evals"], "d"),
         )
-    table.caption = fixed_point_line(data)
-    table.caption_justify = "left"
     return table
 
 
@@ -88,13 +190,23 @@ def fixed_point_line(data: dict[str, Any]) -> str | None:
 def parameter_table(data: dict[str, Any]) -> Table:
     """Cosine to the reference of each parameter's gradient, one row per estimator."""
     names = list(data["results"][0]["metrics"]["parameters"])
-    table = Table(title=f"per-parameter cosine to {data['reference']}", title_justify="left", header_style="bold")
-    table.add_column("estimator")
+    table = Table(title=f"per-parameter cosine to {data['reference']}", header_style="bold")
+    table.add_column("estimator", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right")
     for row in data["results"][1:]:
         table.add_row(row["label"], *(fmt_cosine(row["metrics"]["parameters"][n]) for n in names))
     return table
+
+
+def comparison_report(data: dict[str, Any], *, per_parameter: bool) -> list[RenderableType]:
+    """What `epx compare` prints: the comparison, the per-parameter cosines if asked for, and the legend."""
+    tables = [Stacked(comparison_table(data))] + ([Stacked(parameter_table(data))] if per_parameter else [])
+    return [*tables,
+            legend(f"cos: cosine to {data['reference']}'s gradient, of all parameters or of one group",
+                   "rel err: ‖ĝ−g‖/‖g‖", "norm ratio: ‖ĝ‖/‖g‖", "ms: median per gradient", "peak mem: CUDA only",
+                   "F evals: force evaluations", "n/a: not measured, or the reference gradient is zero"),
+            colour_legend(COSINE_COLOURS, residual_colours(data["converged_tol"]))]
 
 
 def comparison_notes(data: dict[str, Any]) -> list[str]:
@@ -107,3 +219,139 @@ def comparison_notes(data: dict[str, Any]) -> list[str]:
         if not row["deterministic"]:
             notes.append(f"{row['label']}: repeated runs with the same seed gave different gradients")
     return notes
+
+
+def _mean(stat: tuple[float, float] | None, spec: str, seeds: int) -> str:
+    if stat is None:
+        return "n/a"
+    mean, std = stat
+    return f"{mean:{spec}} ± {std:{spec}}" if seeds > 1 else f"{mean:{spec}}"
+
+
+def _mean_cosine(stat: tuple[float, float] | None, seeds: int) -> Text:
+    if stat is None or seeds <= 1:
+        return fmt_cosine(None if stat is None else stat[0])
+    return fmt_cosine(stat[0]) + Text(f" ± {stat[1]:.4f}", style="dim")
+
+
+def _seeds(row: dict[str, Any]) -> Text:
+    done, run = row["seeds"], row["seeds_run"]
+    return Text(f"{done}/{run}", style="" if done == run else "yellow" if done else "red")
+
+
+def sweep_table(data: dict[str, Any], rows: list[dict[str, Any]], group: str | None) -> Table:
+    """One row per point of the grid (rows from :func:`ep_core.sweep.summarize`): the point, how many of its seeds
+    succeeded, and the mean ± std over those of every estimator's cosine and ms, the residual and fp dist."""
+    spec = data["spec"]
+    table = Table(title=f"sweep of {', '.join(spec['estimators'])} vs {spec['reference']} on {spec['model']} "
+                        f"({len(spec['seeds'])} seed(s) per point)", header_style="bold")
+    for axis in data["axes"]:
+        table.add_column(axis["key"], justify="right", no_wrap=True)
+    table.add_column("seeds", justify="right", no_wrap=True)
+    labels = list(dict.fromkeys(label for row in rows for label in row["estimators"]))
+    compared = [label for label in labels if label != spec["reference"]]
+    for label in compared:
+        if group:
+            table.add_column(f"{label} cos\n{group}", justify="right")
+        table.add_column(f"{label} cos\nall", justify="right")
+    for label in labels:
+        table.add_column(f"{label}\nms", justify="right")
+    table.add_column("residual", justify="right")
+    table.add_column("fp\ndist", justify="right")
+    for row in rows:
+        cells: list[RenderableType] = [Text(row["values"][axis["key"]]) for axis in data["axes"]] + [_seeds(row)]
+        if not row["seeds"]:
+            blank = len(table.columns) - len(cells) - 1
+            table.add_row(*cells, Text("failed", style="red"), *[Text("—", style="dim")] * blank)
+            continue
+        for label in compared:
+            stats = row["estimators"][label]
+            if group:
+                cells.append(_mean_cosine(stats["group_cosine"], row["seeds"]))
+            cells.append(_mean_cosine(stats["cosine"], row["seeds"]))
+        for label in labels:
+            cells.append(_mean(row["estimators"][label]["ms"], ".0f", row["seeds"]))
+        residual = _mean(row["residual"], ".1e", row["seeds"])
+        cells.append(Text(f"{residual} !", style="red") if row["converged"] is False else Text(residual))
+        cells.append(fmt_number(row["fixed_point_distance"], ".1e"))
+        table.add_row(*cells)
+    return table
+
+
+def failures_table(data: dict[str, Any], rows: list[dict[str, Any]]) -> Table | None:
+    """The runs that failed, with their whole messages (wrapped, never cut); one row per point and message, the
+    seeds that failed with it listed together. None when nothing failed."""
+    failed = sum(len(row["errors"]) for row in rows)
+    if not failed:
+        return None
+    total = sum(row["seeds_run"] for row in rows)
+    table = Table(title=f"failed runs: {failed} of {total} (a point's means are over its other seeds)",
+                  header_style="bold")
+    for axis in data["axes"]:
+        table.add_column(axis["key"], justify="right", no_wrap=True)
+    table.add_column("seeds", justify="right", no_wrap=True)
+    table.add_column("error")
+    for row in rows:
+        seeds_by_message: dict[str, list[int]] = {}
+        for seed, message in zip(row["failed_seeds"], row["errors"]):
+            seeds_by_message.setdefault(message, []).append(seed)
+        for message, seeds in seeds_by_message.items():
+            table.add_row(*(Text(row["values"][axis["key"]]) for axis in data["axes"]),
+                          ", ".join(str(s) for s in seeds), Text(message, style="red"))
+    return table
+
+
+def sweep_report(data: dict[str, Any], rows: list[dict[str, Any]], group: str | None) -> list[RenderableType]:
+    """What `epx sweep` prints: the table of points, the failed runs, and the legend."""
+    keys = len(data["axes"]) + 1
+    failures = failures_table(data, rows)
+    return [Stacked(sweep_table(data, rows, group), keys=keys),
+            *([Stacked(failures, keys=keys)] if failures else []),
+            legend("seeds: succeeded/run; every number is the mean ± std over the seeds that succeeded",
+                   f"cos: cosine to {data['spec']['reference']}'s gradient, of all parameters or of the group",
+                   "ms: median per gradient", f"residual: {data['spec']['reference']}'s free phase",
+                   "fp dist: largest relative distance between two estimators' free equilibria"),
+            colour_legend(COSINE_COLOURS, "residual red and marked ! where the free phase did not converge (for "
+                          "any seed)", "seeds yellow when some failed, red when all did")]
+
+
+def training_table(records: list[dict[str, Any]], title: str, converged_tol: float) -> Table:
+    """One row per validation: mean training loss since the previous one, validation loss, and the latest
+    comparison with the reference gradient."""
+    groups = next((list(r["diagnostic"]["groups"]) for r in records if "diagnostic" in r), [])
+    table = Table(title=title, header_style="bold")
+    for column in ("step", "train loss", "val loss", "lr", "residual", "cos all", *(f"cos {g}" for g in groups)):
+        table.add_column(column, justify="right")
+    losses: list[float] = []
+    latest: dict[str, Any] = {}
+    for record in records:
+        if record["kind"] == "train":
+            latest["train"] = record
+            if "diagnostic" in record:
+                latest["diagnostic"] = record["diagnostic"]
+            if record.get("loss") is not None:
+                losses.append(record["loss"])
+        elif record["kind"] == "eval":
+            train = latest.get("train", {})
+            diagnostic = latest.get("diagnostic")
+            residual = train.get("residual")
+            table.add_row(
+                str(record["step"]),
+                fmt_number(sum(losses) / len(losses) if losses else None, ".4f"),
+                fmt_number(record["val_loss"], ".4f"),
+                fmt_number(train.get("lr"), ".2e"),
+                fmt_residual(residual, None if residual is None else residual <= converged_tol),
+                fmt_cosine(diagnostic["cosine"] if diagnostic else None),
+                *(fmt_cosine(diagnostic["groups"].get(g) if diagnostic else None) for g in groups),
+            )
+            losses = []
+    return table
+
+
+def training_report(records: list[dict[str, Any]], title: str, converged_tol: float) -> list[RenderableType]:
+    """What `epx train` prints: one row per validation, and the legend."""
+    return [Stacked(training_table(records, title, converged_tol)),
+            legend("train loss: mean since the previous row", "val loss: on the held-out batches",
+                   "residual: the trained estimator's free phase",
+                   "cos: the latest cosine to the reference gradient (--ref), of all parameters or of one group"),
+            colour_legend(COSINE_COLOURS, residual_colours(converged_tol))]

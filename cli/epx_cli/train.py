@@ -4,21 +4,24 @@ a plugin adds a command."""
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
+from rich.console import Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
+from ep_core.errors import Interrupted, ResumeError
 from ep_core.plugins import hookimpl
-from ep_core.relax import CONVERGED_TOL
-from ep_core.train import TrainConfig
-from epx_cli.main import apply_options, check_device, err, handle_errors, model_data_options, out, registry, warn
-from epx_cli.render import fmt_cosine, fmt_number
+from ep_core.schedule import TrainConfig
+from epx_cli.main import (OutputPath, apply_options, check_device, err, model_data_options, out, registry, use_torch,
+                          warn, wide_option, write_output)
+from epx_cli.render import training_report
 
 TRAIN_PREFIX = "train_"
 
@@ -28,42 +31,10 @@ def train_config_options() -> list[Callable[..., Any]]:
     options = []
     for row in TrainConfig.describe():
         flag = "--" + row["name"].replace("_", "-")
+        default = "scaled to --steps" if row["default"] is None else row["default"]
         options.append(click.option(flag, TRAIN_PREFIX + row["name"], default=None, metavar=row["type"].upper(),
-                                    help=f"{row['help']} (default {row['default']}; "
-                                         f"valid: {row['range']})."))
+                                    help=f"{row['help']} (default {default}; valid: {row['range']})."))
     return options
-
-
-def summary_table(records: list[dict[str, Any]], title: str) -> Table:
-    """One row per validation: mean training loss since the previous one, validation loss, and the latest
-    comparison with the reference gradient."""
-    groups = next((list(r["diagnostic"]["groups"]) for r in records if "diagnostic" in r), [])
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column in ("step", "train loss", "val loss", "lr", "residual", "cos all", *(f"cos {g}" for g in groups)):
-        table.add_column(column, justify="right")
-    losses: list[float] = []
-    latest: dict[str, Any] = {}
-    for record in records:
-        if record["kind"] == "train":
-            latest["train"] = record
-            if "diagnostic" in record:
-                latest["diagnostic"] = record["diagnostic"]
-            if record.get("loss") is not None:
-                losses.append(record["loss"])
-        elif record["kind"] == "eval":
-            train = latest.get("train", {})
-            diagnostic = latest.get("diagnostic")
-            table.add_row(
-                str(record["step"]),
-                fmt_number(sum(losses) / len(losses) if losses else None, ".4f"),
-                fmt_number(record["val_loss"], ".4f"),
-                fmt_number(train.get("lr"), ".2e"),
-                fmt_number(train.get("residual"), ".1e"),
-                fmt_cosine(diagnostic["cosine"] if diagnostic else None),
-                *(fmt_cosine(diagnostic["groups"].get(g) if diagnostic else None) for g in groups),
-            )
-            losses = []
-    return table
 
 
 def _status(record: dict[str, Any], shown: dict[str, str]) -> str:
@@ -77,56 +48,139 @@ def _status(record: dict[str, Any], shown: dict[str, str]) -> str:
     return " · ".join(shown[k] for k in ("loss", "val", "cos") if k in shown)
 
 
+def resume_conflicts(ctx: click.Context, recorded: dict[str, Any]) -> list[str]:
+    """One line per option given on the command line whose value differs from the run being resumed."""
+    from ep_core.schedule import TrainConfig
+    from ep_core.session import parse_settings, split_estimator_settings
+
+    given = {name: value for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    conflicts = []
+
+    def differ(option: str, then: Any, now: Any) -> None:
+        if then != now:
+            conflicts.append(f"{option}: {then!r} in run.json, {now!r} given")
+
+    name = recorded["estimator"]["name"]
+    for key, option, then in (("estimator", "ESTIMATOR", name), ("model_name", "--model", recorded["model"]["name"]),
+                              ("data", "--data", recorded["data"]["requested"]),
+                              ("batch_size", "--batch-size", recorded["batch_size"]),
+                              ("seed", "--seed", recorded["seed"]), ("dtype", "--dtype", recorded["dtype"]),
+                              ("device", "--device", recorded["device"])):
+        if key in given:
+            differ(option, then, given[key])
+    if "reference" in given:
+        differ("--ref", recorded["reference"], None if given["reference"] == name else given["reference"])
+    reg = registry()
+    if "settings" in given:
+        cls = reg.get("estimator", name).factory
+        then = recorded["estimator"]["config"]
+        routed = split_estimator_settings(parse_settings(given["settings"], "--set"), {name: cls})[name]
+        now = cls.Config.from_mapping({**then, **routed}).to_dict()
+        for key in routed:
+            differ(f"--set {key}", then.get(key), now[key])
+    if "model_settings" in given:
+        cls = reg.get("model", recorded["model"]["name"]).factory
+        then = recorded["model"]["config"]
+        changed = parse_settings(given["model_settings"], "--model-set")
+        now = cls.Config.from_mapping({**then, **changed}).to_dict()
+        for key in changed:
+            differ(f"--model-set {key}", then.get(key), now[key])
+    changed = {k.removeprefix(TRAIN_PREFIX): v for k, v in given.items() if k.startswith(TRAIN_PREFIX)}
+    if changed:
+        now = TrainConfig.from_mapping({**recorded["train"], **changed}).resolved().to_dict()
+        for key in changed:
+            differ("--" + key.replace("_", "-"), recorded["train"].get(key), now[key])
+    return conflicts
+
+
+def recorded_options(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of :func:`ep_core.train.build_run` that rebuild a recorded run."""
+    return {"estimator": recorded["estimator"]["name"], "model": recorded["model"]["name"],
+            "settings": recorded["estimator"]["config"], "model_settings": recorded["model"]["config"],
+            "train_settings": recorded["train"], "data": recorded["data"]["requested"],
+            "batch_size": recorded["batch_size"], "seed": recorded["seed"], "dtype": recorded["dtype"],
+            "device": recorded["device"], "reference": recorded["reference"]}
+
+
 @click.command()
-@click.argument("estimator")
+@click.argument("estimator", required=False)
 @apply_options([
     click.option("--ref", "reference", default="bptt", show_default=True,
                  help="Estimator whose gradient the trained one is compared with every --diagnose-every steps "
                       "(use --diagnose-every 0 to skip)."),
     click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
                  help="Option of the estimator being trained, e.g. beta=0.01, clip=1."),
-    *model_data_options(),
+    *model_data_options(model_required=False),
     *train_config_options(),
-    click.option("--out", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    click.option("--out", "directory", type=OutputPath(directory=True), default=None,
                  help="Run directory for run.json, log.jsonl and checkpoint.pt (checkpoints need it)."),
     click.option("--resume", is_flag=True,
-                 help="Continue the run in --out from its last checkpoint; the other options must be the same."),
-    click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Continue the run in --out from its last checkpoint, with the options recorded in its "
+                      "run.json (`epx train --resume --out DIR` is enough; an option given must match)."),
+    click.option("--plot", "plot_file", type=OutputPath(), default=None,
                  help="Write a PNG of the training and validation loss and of the cosine to the reference (needs "
                       "the 'plot' extra: pip install 'epx[plot]')."),
     click.option("--json", "as_json", is_flag=True, help="Print every log record as JSON on stdout, not a table."),
+    wide_option,
 ])
-@handle_errors
-def train(estimator: str, reference: str, settings: tuple[str, ...], model_name: str,
-          model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool,
-          batch_size: int | None, seed: int, device: str, dtype: str, directory: Path | None, resume: bool,
-          plot_file: Path | None, as_json: bool, **train_options: str | None) -> None:
+@click.pass_context
+def train(ctx: click.Context, estimator: str | None, reference: str, settings: tuple[str, ...],
+          model_name: str | None, model_settings: tuple[str, ...], data: str, data_dir: str | None,
+          no_download: bool, batch_size: int | None, seed: int, device: str, dtype: str, directory: Path | None,
+          resume: bool, plot_file: Path | None, as_json: bool, wide: bool, **train_options: str | None) -> None:
     """Train a model with ESTIMATOR's gradient: AdamW, warm-up and cosine schedule, clipping per parameter
     group, validation loss, and every few steps the cosine of ESTIMATOR's gradient to the exact one.
 
     \b
     epx train aep --model lm --out runs/lm-aep
-    epx train aep --model lm --out runs/lm-aep --resume        continue after a stop or a crash
+    epx train --resume --out runs/lm-aep          continue after Ctrl-C or a crash, with the recorded options
     epx train ep --model cet --steps 100 --lr 1e-3 --plot cet.png
     """
+    from ep_core.relax import CONVERGED_TOL
     from ep_core.session import parse_settings
+    from ep_core.train import CHECKPOINT_FILE, LOG_FILE, Stopped, build_run, checkpoint_step, read_log, read_run
     from ep_core.train import Progress as TrainProgress
-    from ep_core.train import build_run
     from ep_core.train import train as run_training
 
+    use_torch()
     if plot_file is not None:
         from epx_cli.plot import require_matplotlib
 
         require_matplotlib()
-    if resume and directory is None:
-        raise click.UsageError("--resume needs --out DIR, the run directory to continue")
-    check_device(device)
-    train_settings = {k.removeprefix(TRAIN_PREFIX): v for k, v in train_options.items() if v is not None}
-    run = build_run(registry(), estimator, model_name, settings=parse_settings(settings, "--set"),
-                    model_settings=parse_settings(model_settings, "--model-set"), train_settings=train_settings,
-                    data=data, data_dir=data_dir, download=not no_download, warn=warn, batch_size=batch_size,
-                    seed=seed, dtype=dtype, device=device, reference=reference)
+    if resume:
+        if directory is None:
+            raise click.UsageError("--resume needs --out DIR, the run directory to continue", ctx)
+        recorded = read_run(directory)
+        conflicts = resume_conflicts(ctx, recorded)
+        if conflicts:
+            raise ResumeError(f"--resume: options differ from the run in {directory}: {'; '.join(conflicts)}. Run "
+                              f"`epx train --resume --out {shlex.quote(str(directory))}` alone to continue with "
+                              "the recorded options")
+        done, steps = checkpoint_step(directory), recorded["train"]["steps"]
+        estimator, model_name = recorded["estimator"]["name"], recorded["model"]["name"]
+        if done >= steps:
+            err.print(f"the run in {escape(str(directory))} is complete: {done} of {steps} steps, nothing to do. "
+                      "A finished run cannot be extended (its learning-rate schedule depends on --steps): to train "
+                      "longer, start a new run with a larger --steps and another --out.", highlight=False)
+            show_records(read_log(directory / LOG_FILE), recorded, as_json=as_json, wide=wide)
+            return
+        options = recorded_options(recorded)
+    else:
+        if estimator is None:
+            raise click.UsageError("Missing argument 'ESTIMATOR' (or give --resume --out DIR)", ctx)
+        if model_name is None:
+            raise click.UsageError("Missing option '--model' / '-m'", ctx)
+        check_device(device)
+        options = {"estimator": estimator, "model": model_name, "settings": parse_settings(settings, "--set"),
+                   "model_settings": parse_settings(model_settings, "--model-set"),
+                   "train_settings": {k.removeprefix(TRAIN_PREFIX): v for k, v in train_options.items()
+                                      if v is not None},
+                   "data": data, "batch_size": batch_size, "seed": seed, "dtype": dtype, "device": device,
+                   "reference": reference}
+    run = build_run(registry(), **options, data_dir=data_dir, download=not no_download, warn=warn)
     steps = run.config.steps
+    resume_command = None if directory is None else f"epx train --resume --out {shlex.quote(str(directory))}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     shown: dict[str, str] = {}
@@ -137,7 +191,10 @@ def train(estimator: str, reference: str, settings: tuple[str, ...], model_name:
 
         def on_record(record: dict[str, Any]) -> None:
             nonlocal warned_unconverged
-            bar.update(task, completed=record["step"], status=_status(record, shown))
+            status = _status(record, shown)
+            bar.update(task, completed=record["step"], status=status)
+            if record["kind"] == "eval" and not err.is_terminal:
+                err.print(f"step {record['step']}/{steps} · {status}", highlight=False)
             residual = record.get("residual")
             if residual is not None and residual > CONVERGED_TOL and not warned_unconverged:
                 warned_unconverged = True
@@ -155,6 +212,17 @@ def train(estimator: str, reference: str, settings: tuple[str, ...], model_name:
         previous = signal.signal(signal.SIGINT, stop_after_step)
         try:
             records = run_training(run, directory=directory, resume=resume, progress=progress)
+        except Stopped as stopped:
+            if directory is None:
+                raise Interrupted(f"after step {stopped.step}; nothing was saved (train with --out DIR to be able "
+                                  "to resume)") from None
+            raise Interrupted(f"after step {stopped.step}; its checkpoint is in {directory}",
+                              resume=resume_command) from None
+        except KeyboardInterrupt:
+            kept = directory is not None and (directory / CHECKPOINT_FILE).exists()
+            raise Interrupted("at once, in the middle of a step" + (
+                f"; the run continues from the last checkpoint in {directory}" if kept else "; nothing was saved"),
+                resume=resume_command if kept else None) from None
         finally:
             signal.signal(signal.SIGINT, previous)
     if directory is not None:
@@ -162,14 +230,24 @@ def train(estimator: str, reference: str, settings: tuple[str, ...], model_name:
     if plot_file is not None:
         from epx_cli.plot import plot_training
 
-        plot_training({estimator: records}, plot_file, title=f"{estimator} on {model_name}")
-        err.print(f"wrote {escape(str(plot_file))}", highlight=False)
+        write_output(plot_file, lambda path: plot_training({estimator: records}, path,
+                                                           title=f"{estimator} on {model_name}"))
+    show_records(records, run.spec, as_json=as_json, wide=wide)
+
+
+def show_records(records: list[dict[str, Any]], spec: dict[str, Any], *, as_json: bool, wide: bool) -> None:
+    """A run's log on stdout: JSON lines, or the summary table."""
+    from ep_core.relax import CONVERGED_TOL
+
     if as_json:
         for record in records:
             click.echo(json.dumps(record, allow_nan=False))
         return
-    out.print(summary_table(records, f"{estimator} training {model_name} · {steps} steps · data "
-                                     f"{run.spec['data']['name']} · batch {run.batch_size} · seed {seed}"))
+    estimator, model_name, steps = spec["estimator"]["name"], spec["model"]["name"], spec["train"]["steps"]
+    title = (f"{estimator} training {model_name} · {steps} steps · data {spec['data']['name']} · batch "
+             f"{spec['batch_size']} · seed {spec['seed']}")
+    with out.natural_width(wide):
+        out.print(Group(*training_report(records, title, CONVERGED_TOL)))
 
 
 @hookimpl

@@ -66,7 +66,6 @@ def token_norm(z: torch.Tensor) -> torch.Tensor:
 
 
 class CET(nn.Module):
-    summary: ClassVar[str] = "energy transformer for masked patch reconstruction; attention scale s"
     Config: ClassVar[type[Config]] = CETConfig
     data: ClassVar[str] = "images"
     state_names: ClassVar[tuple[str, ...]] = ("z", "y")

@@ -66,7 +66,6 @@ class LMConfig(Config):
 
 
 class LM(nn.Module):
-    summary: ClassVar[str] = "causal equilibrium attention on characters (next-character cross-entropy); scale s"
     Config: ClassVar[type[Config]] = LMConfig
     data: ClassVar[str] = "text"
     default_batch_size: ClassVar[int] = 16

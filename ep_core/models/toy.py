@@ -42,7 +42,6 @@ class ToyConfig(Config):
 
 
 class Toy(nn.Module):
-    summary: ClassVar[str] = "tiny Hopfield network, conservative=True|False, for property tests"
     Config: ClassVar[type[Config]] = ToyConfig
     data: ClassVar[str] = "synthetic"
     state_names: ClassVar[tuple[str, ...]] = ("x",)

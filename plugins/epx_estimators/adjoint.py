@@ -24,7 +24,6 @@ from typing import ClassVar
 
 import torch
 
-from ep_core import hookimpl
 from ep_core.config import Config, option
 from ep_core.krylov import gmres
 from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, GradientEstimate
@@ -46,7 +45,6 @@ class Adjoint:
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "converged stable fixed point and converged adjoint iteration"
     conformance_limit: ClassVar[str | None] = "any-stable"
-    summary: ClassVar[str] = "projected implicit differentiation: a = J_Gᵀa + g at the fixed point"
 
     def __init__(self, config: AdjointConfig | None = None):
         self.config = config or AdjointConfig()
@@ -83,7 +81,3 @@ class Adjoint:
             fixed_point=x_star,
         )
 
-
-@hookimpl
-def register_estimators(register):
-    register("adjoint", Adjoint)

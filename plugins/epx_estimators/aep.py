@@ -33,7 +33,6 @@ from typing import ClassVar
 
 import torch
 
-from ep_core import hookimpl
 from ep_core.config import Config, option
 from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate, State
 from ep_core.relax import Equilibrium, contrast, force_pairing, free_phase, linearize, norm, scale, sub
@@ -54,7 +53,6 @@ class AEP:
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "any converged stable fixed point (conservative or not), no projection, β → 0"
     conformance_limit: ClassVar[str | None] = "any-stable"
-    summary: ClassVar[str] = "asymmetric EP: nudged phases corrected by −(Jv − Jᵀv), exact without symmetry"
 
     def __init__(self, config: AEPConfig | None = None):
         self.config = config or AEPConfig()
@@ -108,7 +106,3 @@ class AEP:
             fixed_point=equilibrium.state,
         )
 
-
-@hookimpl
-def register_estimators(register):
-    register("aep", AEP)

@@ -21,7 +21,6 @@ from typing import ClassVar
 
 import torch
 
-from ep_core import hookimpl
 from ep_core.config import Config, option
 from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate
 from ep_core.relax import contrast, force_pairing, free_phase
@@ -40,7 +39,6 @@ class EP:
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "conservative model (symmetric J), no projection, converged stable fixed point, β → 0"
     conformance_limit: ClassVar[str | None] = "conservative"
-    summary: ClassVar[str] = "equilibrium propagation: contrast of ±β nudged phases"
 
     def __init__(self, config: EPConfig | None = None):
         self.config = config or EPConfig()
@@ -56,7 +54,3 @@ class EP:
             fixed_point=equilibrium.state,
         )
 
-
-@hookimpl
-def register_estimators(register):
-    register("ep", EP)

@@ -25,7 +25,6 @@ from typing import ClassVar
 
 import torch
 
-from ep_core import hookimpl
 from ep_core.config import Config, option
 from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, GradientEstimate
 from ep_core.relax import add, detach, free_phase, is_finite, parameter_gradient, relaxation_map, scale
@@ -44,7 +43,6 @@ class Phantom:
     exact_limit: ClassVar[str] = "converged stable fixed point (ρ(J_G) < 1), steps k → ∞ (exact for any damping)"
     conformance_limit: ClassVar[str | None] = "any-stable"
     limit_settings: ClassVar[dict] = {"steps": 400, "damping": 1.0}
-    summary: ClassVar[str] = "phantom gradient: backprop through k damped steps of G from x*"
 
     def __init__(self, config: PhantomConfig | None = None):
         self.config = config or PhantomConfig()
@@ -71,8 +69,3 @@ class Phantom:
                    "force_evals": equilibrium.force_evals + k},
             fixed_point=x_star,
         )
-
-
-@hookimpl
-def register_estimators(register):
-    register("phantom", Phantom)

@@ -4,6 +4,7 @@ import builtins
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -248,3 +249,27 @@ def test_a_log_axis_labels_exactly_the_swept_values(tmp_path, monkeypatch):
     assert axis.get_xscale() == "log"
     labels = [t.get_text() for t in axis.xaxis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
     assert labels == values
+
+
+def test_ctrl_c_prints_the_command_that_resumes_the_sweep(tmp_path):
+    out = tmp_path / "my sweep.json"  # a space: the printed command must quote it
+    arguments = _sweep_command(out, "--repeats", "3")
+    process = subprocess.Popen([sys.executable, "-m", "epx_cli", *arguments], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "EPX_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.exists() and len(json.loads(out.read_text())["records"]) >= 2):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert "Traceback" not in stderr
+    command = shlex.split(line.split("to continue, run: ", 1)[1])
+    assert command == ["epx", *arguments]
+    finished = len(json.loads(out.read_text())["records"])
+    assert 2 <= finished < 6, "the sweep should have been stopped half way"
+
+    resumed = CliRunner().invoke(cli_main.cli, command[1:], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert f"resumed: {finished} point(s)" in resumed.stderr
+    assert len(json.loads(out.read_text())["records"]) == 6

@@ -63,7 +63,8 @@ def run(args: list[str], env: dict[str, str]) -> tuple[float, bool]:
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"epx {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
-    imported = any(line.rstrip().endswith("| torch") for line in result.stderr.splitlines())
+    imported = any(line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == "torch"
+                   for line in result.stderr.splitlines())
     return seconds, imported
 
 

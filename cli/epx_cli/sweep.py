@@ -117,4 +117,5 @@ def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings
             out.print(Group(*sweep_report(payload, rows, group)))
     failed = sum(1 for record in payload["records"] if record["status"] != "ok")
     if failed:
-        err.print(f"[yellow]note:[/] {failed} point(s) failed; their messages are in the table and the JSON")
+        err.print(f"[yellow]note:[/] {failed} of {len(payload['records'])} run(s) failed; their messages are in the "
+                  "table of failed runs and in the JSON")

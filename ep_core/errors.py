@@ -10,6 +10,7 @@ maps an error to an exit status from its class alone:
     │   ├── DataNotFound          1    neither found locally nor downloaded
     │   └── ChecksumError         1    a data file is not the published one
     ├── FileFormatError           1  a file epx wrote (or was pointed at) is corrupt, truncated or of the wrong kind
+    ├── WriteError                1  a file could not be written (also an OSError)
     ├── DivergenceError           1  a relaxation produced a non-finite state
     ├── PluginError               1  a plugin failed in strict mode
     ├── ThresholdError            3  a requested threshold or check was not met
@@ -78,6 +79,11 @@ class FileFormatError(EpxError, ValueError):
     def __init__(self, path: object, problem: str, remedy: str = ""):
         super().__init__(f"{path}: {problem}" + (f"; {remedy}" if remedy else ""))
         self.path, self.problem = path, problem
+
+
+class WriteError(EpxError, OSError):
+    """A file could not be written (no space, no permission, a directory that cannot be created). An OSError too,
+    so that callers for whom writing is optional (a cache) can go on without it."""
 
 
 class DivergenceError(EpxError):

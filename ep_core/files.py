@@ -9,12 +9,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ep_core.errors import ConfigError, FileFormatError
+from ep_core.errors import ConfigError, FileFormatError, WriteError
 
 
 def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> None:
-    """Write ``content`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Write ``content`` to a temporary file beside ``path``, fsync it, then rename it over ``path``. A failure
+    (no space, no permission, a parent that cannot be created) is a WriteError naming the file; the old file, if
+    any, is left as it was."""
     path = Path(path)
+    try:
+        _write_atomic(path, content)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")) from exc
+
+
+def _write_atomic(path: Path, content: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     # mkstemp creates the file 0600; give the result the permissions an ordinary open() would.

@@ -73,6 +73,8 @@ CASES: dict[str, Case] = {
     "train out is a file": Case([*TOY_TRAIN, "--out", "f.txt"], 2, "not a directory", files={"f.txt": "keep"}),
     "analyze out under a file": Case(["analyze", "fixed-point", "--model", "toy", "--out", "f.txt/a.json"], 2,
                                      "is a file", files={"f.txt": "keep"}),
+    "out that cannot be created": Case(["compare", "aep", "--model", "toy", "--repeats", "1", "--out",
+                                        "/proc/epx-fuzz/r.json"], 1, "cannot write /proc/epx-fuzz/r.json"),
     # thresholds and numbers
     "min-cosine nan": Case(["compare", "aep", "--model", "toy", "--min-cosine", "nan"], 2, "not a finite number"),
     "min-cosine inf": Case(["compare", "aep", "--model", "toy", "--min-cosine", "inf"], 2, "not a finite number"),

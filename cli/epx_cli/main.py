@@ -355,17 +355,18 @@ def check_names(estimators: tuple[str, ...], model_name: str, reference: str, de
 
 def emit(result: dict[str, Any], renderables: list[Any], notes: list[str], *, as_json: bool,
          out_file: Path | None) -> None:
-    """A result to --out (atomically) and to stdout: JSON with --json, else the renderables; notes to stderr."""
+    """A result to stdout (JSON with --json, else the renderables; notes to stderr), then to --out, atomically:
+    in that order, so that a file that cannot be written does not take the result with it."""
     text = json.dumps(result, indent=2, allow_nan=False)
-    if out_file is not None:
-        write_output(out_file, text + "\n")
     if as_json:
         click.echo(text)
-        return
-    for renderable in renderables:
-        out.print(renderable)
-    for note in notes:
-        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    else:
+        for renderable in renderables:
+            out.print(renderable)
+        for note in notes:
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    if out_file is not None:
+        write_output(out_file, text + "\n")
 
 
 wide_option = click.option(

@@ -1,4 +1,10 @@
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,3 +29,23 @@ def real_data_dir() -> Path:
     if not (path / "fashion-mnist").is_dir() and not any(path.glob("train-images-idx3-ubyte*")):
         pytest.skip(f"Fashion-MNIST not found under {path}; set EPX_DATA_DIR")
     return path
+
+
+@pytest.fixture
+def interrupt_epx() -> Callable[..., list[str]]:
+    """``interrupt_epx(args, ready)``: start ``epx ARGS`` in a process, send it SIGINT once ``ready()`` holds, and
+    return the command its one ``interrupted:`` line says continues the work (after checking exit 130 and that no
+    traceback was printed)."""
+    def interrupt(args: list[str], ready: Callable[[], bool]) -> list[str]:
+        process = subprocess.Popen([sys.executable, "-m", "epx_cli", *args], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "EPX_THREADS": "1"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=60)[1]
+        assert process.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        [line] = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+        return shlex.split(line.split("to continue, run: ", 1)[1])
+    return interrupt

@@ -4,7 +4,6 @@ import builtins
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -251,20 +250,10 @@ def test_a_log_axis_labels_exactly_the_swept_values(tmp_path, monkeypatch):
     assert labels == values
 
 
-def test_ctrl_c_prints_the_command_that_resumes_the_sweep(tmp_path):
+def test_ctrl_c_prints_the_command_that_resumes_the_sweep(tmp_path, interrupt_epx):
     out = tmp_path / "my sweep.json"  # a space: the printed command must quote it
     arguments = _sweep_command(out, "--repeats", "3")
-    process = subprocess.Popen([sys.executable, "-m", "epx_cli", *arguments], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "EPX_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out.exists() and len(json.loads(out.read_text())["records"]) >= 2):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=60)[1]
-    assert process.returncode == 130, stderr
-    [line] = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
-    assert "Traceback" not in stderr
-    command = shlex.split(line.split("to continue, run: ", 1)[1])
+    command = interrupt_epx(arguments, lambda: out.exists() and len(json.loads(out.read_text())["records"]) >= 2)
     assert command == ["epx", *arguments]
     finished = len(json.loads(out.read_text())["records"])
     assert 2 <= finished < 6, "the sweep should have been stopped half way"

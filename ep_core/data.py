@@ -377,10 +377,10 @@ def search_path(
     roots: list[Path] = []
     # Absolute: the paths end up in results (the data's source), which must mean the same from any directory.
     if data_dir is not None and str(data_dir) != "":
-        roots.append(Path(data_dir).expanduser().absolute())
+        roots.append(Path(os.path.abspath(Path(data_dir).expanduser())))
     env = os.environ.get("EPX_DATA_DIR")
     if env:
-        roots.append(Path(env).expanduser().absolute())
+        roots.append(Path(os.path.abspath(Path(env).expanduser())))
     roots.append(user_cache_dir())
     roots.extend(system)
     unique: list[Path] = []

@@ -257,6 +257,14 @@ def test_search_path_order(isolated, monkeypatch):
     assert fashion_mnist_search_path() == [t / "home" / ".cache" / "epx", t / "system"]
 
 
+def test_relative_roots_become_absolute_so_results_name_the_real_place(isolated, monkeypatch):
+    work = isolated / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("EPX_DATA_DIR", "../env")
+    assert fashion_mnist_search_path("sub/../arg")[:2] == [work / "arg", isolated / "env"]
+
+
 @pytest.mark.parametrize("sub", [(), ("fashion-mnist",), ("FashionMNIST", "raw")])
 @pytest.mark.parametrize("gz", [True, False])
 def test_layouts(isolated, sub, gz):

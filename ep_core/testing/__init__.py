@@ -19,6 +19,7 @@ from ep_core.testing.conformance import (
     CHECKS,
     LIMIT_SETTINGS,
     LIMITS,
+    MAX_REL_ERROR,
     MIN_COSINE,
     SUITE_VERSION,
     Check,
@@ -43,8 +44,8 @@ from ep_core.testing.conformance import (
 from ep_core.testing.strategies import ToyProblem, batches, configs, make_toy_problem, models, seeds, toy_models
 
 __all__ = [
-    "CHECKS", "CHECK_NAMES", "LIMITS", "LIMIT_SETTINGS", "MIN_COSINE", "SUITE_VERSION", "Check", "CheckResult",
-    "ConformanceError", "ConformanceReport", "ToyProblem", "at_limit", "batches", "check_cost_scaling",
+    "CHECKS", "CHECK_NAMES", "LIMITS", "LIMIT_SETTINGS", "MAX_REL_ERROR", "MIN_COSINE", "SUITE_VERSION", "Check",
+    "CheckResult", "ConformanceError", "ConformanceReport", "ToyProblem", "at_limit", "batches", "check_cost_scaling",
     "check_declarations", "check_deterministic", "check_estimator", "check_exact_limit", "check_finite_gradients",
     "check_gradient_names", "check_gradient_shapes", "check_model_untouched", "check_param_grad_untouched",
     "conformance_limit", "configs", "make_toy_problem", "models", "parametrize_with_checks", "run_estimate",

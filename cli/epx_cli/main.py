@@ -469,7 +469,8 @@ STATUS_STYLE = {"passed": "green", "failed": "bold red", "xfail": "yellow", "xpa
               help="Random problems per check.")
 @click.option("--check", "checks", multiple=True, metavar="CHECK", help="Run only this check (repeatable).")
 @click.option("--suite", type=click.IntRange(min=1), default=None,
-              help="Pin the suite version: failures of newer checks are warnings. Default: the latest.")
+              help="Pin the suite version: failures of newer checks, and of assertions added to a check since, are "
+                   "warnings. Default: the latest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON instead of tables.")
 def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, checks: tuple[str, ...],
           suite: int | None, as_json: bool) -> None:

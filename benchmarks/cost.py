@@ -37,7 +37,7 @@ def main() -> int:
 
     registry = load()
     model = build_model(registry, "cet", parse_settings(args.model_set, "--model-set"), device=args.device)
-    images = load_data(registry, args.data, kind="images", warn=lambda m: print(m, file=sys.stderr))
+    images = load_data(registry, args.data, spec=model.data, warn=lambda m: print(m, file=sys.stderr))
     batch = build_batch(model, images).batch
     estimators = {name: build_estimator(registry, name) for name in ESTIMATORS}
     times: dict[str, list[float]] = {name: [] for name in ESTIMATORS}

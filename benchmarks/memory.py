@@ -42,7 +42,8 @@ def main() -> int:
     registry = load()
     peaks: dict[str, dict[int, int]] = {name: {} for name in ESTIMATORS}
     ms: dict[str, dict[int, float]] = {name: {} for name in ESTIMATORS}
-    images = load_data(registry, args.data, kind="images", warn=lambda m: print(m, file=sys.stderr))
+    images = load_data(registry, args.data, spec=registry.get("model", "cet").factory.data,
+                       warn=lambda m: print(m, file=sys.stderr))
     for steps in (args.short, args.long):
         model = build_model(registry, "cet", {"T1": steps}, device=args.device)
         batch = build_batch(model, images).batch

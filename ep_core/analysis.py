@@ -71,7 +71,7 @@ import torch
 
 from ep_core.config import ConfigError
 from ep_core.krylov import arnoldi_step
-from ep_core.protocols import Batch, State
+from ep_core.protocols import Batch, NamedState, State
 from ep_core.relax import CONVERGED_TOL, free_phase, linearize, norm, relax, relaxation_map, residual, scale, sub
 
 CONVERGED = "converged"
@@ -90,10 +90,10 @@ FALLING = 0.9
 
 
 def state_names(model, state: State) -> tuple[str, ...]:
-    """The model's names for the parts of its state (``state_names``), else x0, x1, ..."""
-    names = getattr(model, "state_names", None)
-    if names is None:
+    """The model's names for the parts of its state (:class:`~ep_core.protocols.NamedState`), else x0, x1, ..."""
+    if not isinstance(model, NamedState):
         return tuple(f"x{i}" for i in range(len(state)))
+    names = model.state_names
     if len(names) != len(state):
         raise ValueError(f"{type(model).__name__}.state_names has {len(names)} names for a state of "
                          f"{len(state)} parts; give one name per tensor of init_state")

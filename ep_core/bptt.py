@@ -1,10 +1,17 @@
-"""bptt — the exact gradient of what the model computes, the reference every estimator is measured against.
+"""bptt / backprop — the exact gradient of what the model computes, the reference every estimator is measured
+against: reverse-mode autodiff of ``model.loss``.
+
+For an equilibrium model the loss is the unrolled free phase,
 
     x₀ = init_state(u),   x_{t+1} = G(x_t) = Π(x_t + εF(x_t)),   t < T1
-    ĝ = dC(x_{T1}) / dθ   by reverse-mode autodiff through all T1 steps (and through x₀).
+    ĝ = dC(x_{T1}) / dθ   by reverse-mode autodiff through all T1 steps (and through x₀),
 
-Exact by construction. Cost: T1 forward steps plus one backward pass; memory grows linearly in T1 because
-every step's activations are kept for the backward pass.
+whose end point x_{T1} is also reported (with its residual), so that a comparison can say whether the free
+phase converged. For any other model it is ordinary backprop of its loss. The same class is registered as
+``bptt`` and, under the name readers of feed-forward work expect, as ``backprop``.
+
+Exact by construction. Cost for an equilibrium model: T1 forward steps plus one backward pass; memory grows
+linearly in T1 because every step's activations are kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from typing import ClassVar
 import torch
 
 from ep_core.config import Config
-from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, GradientEstimate
-from ep_core.relax import divergence_remedy, is_finite, parameter_gradient, relaxation_map, residual
+from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate, Model
+from ep_core.relax import detach, parameter_gradient, residual, unrolled
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,7 @@ class BPTTConfig(Config):
 class BPTT:
     name: ClassVar[str] = "bptt"
     Config: ClassVar[type[Config]] = BPTTConfig
-    requires: ClassVar[type] = EquilibriumModel
+    requires: ClassVar[type] = Model
     exact_limit: ClassVar[str] = "always: it differentiates the unrolled computation itself"
     conformance_limit: ClassVar[str | None] = None
 
@@ -35,23 +42,23 @@ class BPTT:
         self.config = config or BPTTConfig()
 
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
-        steps = model.dynamics.T1
+        if not isinstance(model, EquilibriumModel):
+            return GradientEstimate(grads=parameter_gradient(model, lambda: model.loss(batch)))
         final = {}
 
         def unrolled_cost() -> torch.Tensor:
-            relaxation_step = relaxation_map(model, batch)
-            x = model.init_state(batch)
-            for t in range(1, steps + 1):
-                x = relaxation_step(x)
-                if not is_finite(x):
-                    raise DivergenceError("free", t, model.dynamics.eps, divergence_remedy("free", model.dynamics.eps))
-            final["state"] = tuple(xi.detach() for xi in x)
-            return model.cost(x, batch)
+            cost, final["state"] = unrolled(model, batch)
+            return cost
 
         grads = parameter_gradient(model, unrolled_cost)
-        x_final = final["state"]
+        x_final = detach(final["state"])
+        steps = model.dynamics.T1
         return GradientEstimate(
             grads=grads,
             stats={"residual": residual(model, batch, x_final), "force_evals": steps + 1, "T1": steps},
             fixed_point=x_final,
         )
+
+
+class Backprop(BPTT):
+    name: ClassVar[str] = "backprop"

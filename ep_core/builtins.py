@@ -10,7 +10,10 @@ from ep_core.plugins import hookimpl
 @hookimpl
 def register_estimators(register):
     register("bptt", "ep_core.bptt:BPTT",
-             summary="backpropagation through the T1 free-phase steps (the exact reference)")
+             summary="the exact reference: backprop of the model's loss (through the T1 free-phase steps of an "
+                     "equilibrium model)")
+    register("backprop", "ep_core.bptt:Backprop",
+             summary="the exact reference under the name of feed-forward work: the same as bptt")
 
 
 @hookimpl

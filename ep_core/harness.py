@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ep_core.protocols import Batch, EpxError, GradientEstimate, State, parameter_groups
+from ep_core.protocols import Batch, EpxError, GradientEstimate, State
 from ep_core.analysis import fixed_point_stability
 from ep_core.relax import CONVERGED_TOL, norm, sub
 from ep_core.seeding import ESTIMATOR_STREAM, PROBE_STREAM, generator
@@ -223,7 +223,7 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    groups = parameter_groups(model)
+    groups = model.parameter_groups()
     total = len(estimators) + 1
     ref_label, ref_estimator = reference
     if progress:

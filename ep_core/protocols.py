@@ -1,22 +1,28 @@
 """The objects every estimator and model agree on.
 
-State is a tuple of tensors. A batch is a dict of tensors that the model itself prepares (``prepare_batch``),
-so an estimator never needs to know what is inside it.
+State is a tuple of tensors. A batch is a dict of tensors that the model itself prepares (``prepare_batch``, or
+``make_batch`` for a model that makes its own data), so an estimator never needs to know what is inside it.
+
+Models: every model is a :class:`Model`; estimators that need more ask for one of its refinements
+(:class:`EquilibriumModel`, ...), through their ``requires``. Members that only some models have are small
+protocols of their own (:class:`SyntheticData`, :class:`DeclaresNonconservative`, :class:`NamedState`), so the
+core never looks a member up by name: everything it reads is declared here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from ep_core.config import Config
-from ep_core.errors import DivergenceError, EpxError
+from ep_core.errors import ConfigError, DivergenceError, EpxError
 
-__all__ = ["Batch", "DivergenceError", "Dynamics", "EpxError", "Estimator", "EquilibriumModel", "GradientEstimate",
-           "State", "parameter_groups"]
+__all__ = ["Batch", "DataSpec", "Dataset", "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError",
+           "Estimator", "EquilibriumModel", "GradientEstimate", "Model", "NamedState", "State", "StatefulEstimator",
+           "SyntheticData"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -30,19 +36,82 @@ class Dynamics:
     T1: int
 
 
+DATA_KINDS = ("images", "text", "synthetic")
+
+
+def _no_settings(dataset: Any) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model learns from, as a typed class attribute ``data`` of the model.
+
+    ``kind``: "images" (a dataset of B×C×H×W images and labels), "text" (windows of token ids) or "synthetic"
+    (the model makes its own batches, :class:`SyntheticData`). ``shape(config)``: the shape of one sample the
+    model accepts with that config (C, H, W for images; (context,) for text: the window length a batch needs).
+    ``datasets``: the real datasets ``--data auto`` tries, in order, before the generated ``sample`` (which is
+    made in ``shape``). ``batch_size``: the default. ``from_data(dataset)``: config values the data imply
+    (lm's vocabulary), applied under the user's own settings.
+    """
+
+    kind: str
+    shape: Callable[[Any], tuple[int, ...]] | None = None
+    datasets: tuple[str, ...] = ()
+    batch_size: int = 32
+    from_data: Callable[[Any], Mapping[str, Any]] = _no_settings
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ConfigError("data", f"unknown data kind {self.kind!r}; valid kinds: {', '.join(DATA_KINDS)}")
+        if self.kind != "synthetic" and self.shape is None:
+            raise ConfigError("data", f"a model that learns from {self.kind} declares the shape of a sample")
+
+    def sample_shape(self, config: Any) -> tuple[int, ...]:
+        if self.shape is None:
+            raise ConfigError("data", "a model that makes its own data has no sample shape")
+        return tuple(self.shape(config))
+
+    def config_from_data(self, dataset: Any | None) -> dict[str, Any]:
+        return {} if dataset is None else dict(self.from_data(dataset))
+
+
 @runtime_checkable
-class EquilibriumModel(Protocol):
-    """A dynamical system x' = F(x; θ, u) whose stationary state is the model's output.
+class Model(Protocol):
+    """What every estimator, the harness, training and the kit rely on.
 
-    The relaxation map is G(x) = Π(x + ε F(x)); the free phase iterates G for T1 steps from ``init_state``.
-    Optional: ``nonconservative(state, batch)`` (the part of F that is not a gradient), ``parameter_groups()``
-    (named groups of parameter names, for reports) and ``state_names`` (a name per state tensor, for reports).
-
-    Data: a model with ``data = "images"`` provides ``prepare_batch(images, labels, *, generator) -> Batch``
-    (e.g. masking); one with ``data = "synthetic"`` makes its own, ``make_batch(size, *, generator) -> Batch``.
+    ``loss(batch)`` is the scalar training objective as a differentiable function of the parameters (mean over the
+    batch): the reference gradient is its autograd. For an :class:`EquilibriumModel` it is the free phase unrolled
+    for T1 steps, then C(x_T1) (:func:`ep_core.relax.unrolled_loss`). ``prepare_batch`` turns the inputs and
+    targets a dataset of ``data.kind`` gives into the model's batch (e.g. masking); a model whose
+    ``data.kind`` is "synthetic" makes its own (:class:`SyntheticData`) and may leave it unused.
     """
 
     config: Config
+    data: ClassVar[DataSpec]
+
+    def loss(self, batch: Batch) -> torch.Tensor: ...
+
+    def parameter_groups(self) -> dict[str, list[str]]: ...
+
+    def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch: ...
+
+
+@runtime_checkable
+class SyntheticData(Protocol):
+    """A model that makes its own batches (``data.kind == "synthetic"``)."""
+
+    def make_batch(self, size: int, *, generator: torch.Generator) -> Batch: ...
+
+
+@runtime_checkable
+class EquilibriumModel(Model, Protocol):
+    """A dynamical system x' = F(x; θ, u) whose stationary state is the model's output.
+
+    The relaxation map is G(x) = Π(x + ε F(x)); the free phase iterates G for T1 steps from ``init_state``.
+    ``dynamics`` (ε and T1) define the fixed point, so they live on the model and every estimator in one
+    comparison shares them.
+    """
 
     @property
     def dynamics(self) -> Dynamics: ...
@@ -54,6 +123,36 @@ class EquilibriumModel(Protocol):
     def project(self, state: State) -> State: ...
 
     def cost(self, state: State, batch: Batch) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class DeclaresNonconservative(Protocol):
+    """An equilibrium model that names the part N of its force that is not a gradient (F = −∇E + N), so that aep
+    linearises only N."""
+
+    def nonconservative(self, state: State, batch: Batch) -> State: ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """A dataset a registered factory returns: its ``name``, the ``kind`` of model data it serves ("images" or
+    "text", as in :class:`DataSpec`), its size and a JSON-ready ``describe()`` for results. Images batch as
+    ``batch(size, *, generator, dtype) -> (B×C×H×W in [0, 1], int64 labels)``, text as ``batch(size, *, context,
+    generator) -> (inputs, targets)`` of token ids (see ep_core.data.ImageDataset, ep_core.text.TextDataset)."""
+
+    name: str
+    kind: ClassVar[str]
+
+    def __len__(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class NamedState(Protocol):
+    """A model with a name for each tensor of its state, for reports."""
+
+    state_names: ClassVar[tuple[str, ...]]
 
 
 @dataclass
@@ -74,17 +173,21 @@ class Estimator(Protocol):
     exact_limit: ClassVar[str]
     conformance_limit: ClassVar[str | None]
     """What ep_core.testing samples to check exactness: "conservative", "any-stable" or None. Optional class
-    attributes: ``limit_settings`` (config changes that move the estimator to its exact limit, for the kit),
-    ``summary`` (one line for ``epx list``), and methods ``state_dict``/``load_state_dict`` for state kept between
-    estimates (saved in ``epx train`` checkpoints)."""
+    attributes: ``limit_settings`` (config changes that move the estimator to its exact limit, for the kit) and
+    ``summary`` (one line for ``epx list``)."""
     config: Config
 
     def estimate(self, model: Any, batch: Batch, *, generator: torch.Generator) -> GradientEstimate: ...
 
 
-def parameter_groups(model: torch.nn.Module) -> Mapping[str, list[str]]:
-    """The model's named parameter groups, or one group per top-level parameter name."""
-    groups = getattr(model, "parameter_groups", None)
-    if callable(groups):
-        return groups()
-    return {name: [name] for name, _ in model.named_parameters()}
+@runtime_checkable
+class StatefulEstimator(Protocol):
+    """An estimator that keeps state between estimates (DFA's feedback matrices): built from the model and a
+    generator, exposed as tensors, and given back the same way, so that checkpoints hold it and resume restores
+    it."""
+
+    def init_state(self, model: Any, *, generator: torch.Generator) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...

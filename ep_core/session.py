@@ -16,7 +16,7 @@ import torch
 from ep_core.config import ConfigError, suggest
 from ep_core.harness import Comparison, Progress, compare
 from ep_core.plugins import Registry
-from ep_core.protocols import Batch
+from ep_core.protocols import Batch, DataSpec, Dataset, EquilibriumModel, Model, SyntheticData
 from ep_core.seeding import DATA_STREAM, INIT_STREAM, MASK_STREAM, check_seed, generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -144,14 +144,13 @@ def _gib(size: float) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
 
 
-def samples_in(model: torch.nn.Module, dataset: Any | None) -> int | None:
+def samples_in(model: Model, dataset: Any | None) -> int | None:
     """How many distinct samples ``dataset`` offers ``model`` (images; windows of the model's context for text);
     None for a model that makes its own data."""
-    kind = data_kind(type(model))
-    if kind == "synthetic" or dataset is None:
+    if model.data.kind == "synthetic" or dataset is None:
         return None
-    if kind == "text":
-        return max(0, len(dataset) - model.config.context)
+    if model.data.kind == "text":
+        return max(0, len(dataset) - model.data.sample_shape(model.config)[0])
     return len(dataset)
 
 
@@ -166,16 +165,15 @@ def check_batch_size(model: torch.nn.Module, dataset: Any | None, batch_size: in
     for split, data in (("training", dataset), ("held-out", held_out)):
         available = samples_in(model, data)
         if available is not None and batch_size > available:
-            unit = "windows of context characters" if data_kind(type(model)) == "text" else "samples"
+            unit = "windows of context characters" if model.data.kind == "text" else "samples"
             raise ConfigError("batch_size", f"{batch_size} is larger than the {split} data of {data.name!r}, "
                                             f"which has {available} {unit}; use --batch-size {available} or less")
     parameter = next(model.parameters())
     one = draw_batch(model, dataset, 1, data=generator(0, DATA_STREAM), mask=generator(0, MASK_STREAM))
     per_sample = _bytes(one.values())
-    init_state = getattr(model, "init_state", None)
-    if callable(init_state):
+    if isinstance(model, EquilibriumModel):
         with torch.no_grad():
-            per_sample += 3 * _bytes(init_state(one))
+            per_sample += 3 * _bytes(model.init_state(one))
     free = available_memory(parameter.device)
     if free is not None and per_sample * batch_size > free:
         raise ConfigError("batch_size", f"{batch_size} samples need at least {_gib(per_sample * batch_size)} "
@@ -187,13 +185,10 @@ def check_batch_size(model: torch.nn.Module, dataset: Any | None, batch_size: in
 def build_model(registry: Registry, name: str, settings: Mapping[str, Any] | None = None, *, seed: int = 0,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 dataset: Any | None = None) -> torch.nn.Module:
-    """The model ``name`` with ``settings``, initialised from the seed's INIT stream.
-
-    A model class may define ``config_from_data(dataset) -> dict``: settings the data imply (lm's vocabulary
-    size), applied under the user's own settings.
-    """
+    """The model ``name`` with ``settings``, initialised from the seed's INIT stream. The settings its data imply
+    (``DataSpec.from_data``: lm's vocabulary size) come first, under the user's own."""
     cls = registry.get("model", name).factory
-    implied = cls.config_from_data(dataset) if dataset is not None and hasattr(cls, "config_from_data") else {}
+    implied = cls.data.config_from_data(dataset)
     config = cls.Config.from_mapping({**implied, **(settings or {})})
     model = cls(config, generator=generator(seed, INIT_STREAM))
     return model.to(dtype=dtype, device=resolve_device(device))
@@ -206,8 +201,8 @@ def build_estimator(registry: Registry, name: str, settings: Mapping[str, Any] |
 
 def check_requires(label: str, estimator_class: type, model: Any, model_name: str) -> None:
     """The estimator's ``requires`` protocol must hold for the model (usage error otherwise)."""
-    required = getattr(estimator_class, "requires", None)
-    if required is not None and not isinstance(model, required):
+    required = estimator_class.requires
+    if not isinstance(model, required):
         raise ConfigError("model", f"{label} needs a {required.__name__}; {model_name} is not one")
 
 
@@ -217,26 +212,18 @@ class Data:
     description: dict[str, Any]
 
 
-def data_kind(model_class: type) -> str:
-    """What a model learns from: "images", "text" (both from a dataset) or "synthetic" (it makes its own)."""
-    return getattr(model_class, "data", "images")
-
-
-def default_batch_size(model_class: type) -> int:
-    return getattr(model_class, "default_batch_size", 32)
-
-
-def load_data(registry: Registry, data: str = "auto", *, kind: str, data_dir: str | None = None,
+def load_data(registry: Registry, data: str = "auto", *, spec: DataSpec, data_dir: str | None = None,
               download: bool = True, warn: Callable[[str], None] | None = None, split: str = "train") -> Any:
-    """The dataset named ``data`` for a model that needs ``kind`` ('auto' falls back to the generated 'sample'
-    of that kind with one warning); None for a model with synthetic data."""
-    if kind == "synthetic":
+    """The dataset named ``data`` for a model whose data are ``spec`` ('auto' falls back to the generated 'sample'
+    of that kind with one warning); None for a model that makes its own data."""
+    if spec.kind == "synthetic":
         return None
     dataset = registry.get("dataset", data).factory(data_dir=data_dir, download=download, warn=warn, split=split,
-                                                    kind=kind)
-    if getattr(dataset, "kind", "images") != kind:
-        raise ConfigError("data", f"{data!r} holds {getattr(dataset, 'kind', 'images')}, but the model learns from "
-                                  f"{kind}; choose a dataset of {kind} (see `epx list datasets`) or --data auto")
+                                                    kind=spec.kind)
+    if not isinstance(dataset, Dataset) or dataset.kind != spec.kind:
+        held = dataset.kind if isinstance(dataset, Dataset) else f"a {type(dataset).__name__}"
+        raise ConfigError("data", f"{data!r} holds {held}, but the model learns from {spec.kind}; choose a dataset "
+                                  f"of {spec.kind} (see `epx list datasets`) or --data auto")
     return dataset
 
 
@@ -247,11 +234,12 @@ def draw_batch(model, dataset: Any | None, batch_size: int, *, data: torch.Gener
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
     parameter = next(model.parameters())
-    kind = data_kind(type(model))
-    if kind == "synthetic":
+    if model.data.kind == "synthetic":
+        if not isinstance(model, SyntheticData):
+            raise ConfigError("data", f"{type(model).__name__} declares synthetic data but has no make_batch")
         return model.make_batch(batch_size, generator=data)
-    if kind == "text":
-        inputs, targets = dataset.batch(batch_size, context=model.config.context, generator=data)
+    if model.data.kind == "text":
+        inputs, targets = dataset.batch(batch_size, context=model.data.sample_shape(model.config)[0], generator=data)
     else:
         inputs, targets = dataset.batch(batch_size, generator=data, dtype=parameter.dtype)
     batch = model.prepare_batch(inputs, targets, generator=mask)
@@ -261,7 +249,7 @@ def draw_batch(model, dataset: Any | None, batch_size: int, *, data: torch.Gener
 def build_batch(model, dataset: Any | None, *, batch_size: int | None = None, seed: int = 0,
                 requested: str = "auto") -> Data:
     """The batch a comparison measures on, drawn from the seed's DATA and MASK streams."""
-    batch_size = default_batch_size(type(model)) if batch_size is None else batch_size
+    batch_size = model.data.batch_size if batch_size is None else batch_size
     check_batch_size(model, dataset, batch_size)
     batch = draw_batch(model, dataset, batch_size, data=generator(seed, DATA_STREAM),
                        mask=generator(seed, MASK_STREAM))
@@ -295,7 +283,7 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
     built = {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
     check_model_settings(model_class, model_settings or {}, classes)  # before the data are loaded
     if dataset is None:
-        dataset = load_data(registry, data, kind=data_kind(model_class), data_dir=data_dir, download=download,
+        dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download,
                             warn=warn)
     model = build_model(registry, model_name, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
                         dataset=dataset)

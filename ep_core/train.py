@@ -47,7 +47,7 @@ from ep_core.config import ConfigError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import environment, gradient_metrics, jsonable
 from ep_core.errors import EpxError, FileFormatError, Interrupted, ResumeError
-from ep_core.protocols import parameter_groups
+from ep_core.protocols import StatefulEstimator
 from ep_core.analysis import fixed_point_stability
 from ep_core.schedule import TrainConfig, learning_rate
 from ep_core.relax import free_phase, inner, parameter_gradient, relaxation_map
@@ -55,7 +55,7 @@ from ep_core.plugins import Registry
 from ep_core.seeding import (DATA_STREAM, ESTIMATOR_STREAM, EVAL_MASK_STREAM, EVAL_STREAM, MASK_STREAM,
                              PENALTY_STREAM, PROBE_STREAM, check_seed, generator)
 from ep_core.session import (DTYPES, build_estimator, build_model, check_batch_size, check_model_settings,
-                             check_requires, data_kind, default_batch_size, draw_batch, load_data, resolve_device,
+                             check_requires, draw_batch, load_data, resolve_device,
                              split_estimator_settings)
 
 RUN_FORMAT = "epx.run/1"
@@ -74,7 +74,7 @@ def clip_groups(model: torch.nn.Module, clip: float | None) -> dict[str, float]:
     """Scale each parameter group's gradient (in ``param.grad``) to norm ≤ clip; return the norms before."""
     params = dict(model.named_parameters())
     norms = {}
-    for group, names in parameter_groups(model).items():
+    for group, names in model.parameter_groups().items():
         grads = [params[n].grad for n in names if params[n].grad is not None]
         if not grads:
             continue
@@ -123,20 +123,19 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     exact = build_estimator(registry, reference) if reference not in (None, estimator) else None
     config = TrainConfig.from_mapping(train_settings or {}).resolved()
     check_model_settings(model_class, model_settings or {}, {estimator: rule_class})
-    kind = data_kind(model_class)
-    dataset = load_data(registry, data, kind=kind, data_dir=data_dir, download=download, warn=warn)
+    dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download, warn=warn)
     held_out = None
     if dataset is not None:
         # The dataset actually used, so that 'auto' neither warns twice nor mixes real and generated data.
         name = dataset.name if dataset.name in registry.entries["dataset"] else data
-        held_out = load_data(registry, name, kind=kind, data_dir=data_dir, download=download, warn=warn,
+        held_out = load_data(registry, name, spec=model_class.data, data_dir=data_dir, download=download, warn=warn,
                              split="test")
     network = build_model(registry, model, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
                           dataset=dataset)
     if not any(p.requires_grad for p in network.parameters()):
         raise ConfigError("model", f"{model} has no trainable parameters")
     check_requires(estimator, type(rule), network, model)
-    batch_size = default_batch_size(model_class) if batch_size is None else batch_size
+    batch_size = model_class.data.batch_size if batch_size is None else batch_size
     check_batch_size(network, dataset, batch_size, held_out=held_out)
     spec = {"estimator": {"name": estimator, "config": rule.config.to_dict()},
             "model": {"name": model, "config": network.config.to_dict()},
@@ -201,7 +200,6 @@ def validation_loss(run: Run) -> float:
 
 def save_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
                     step: int) -> None:
-    state_dict = getattr(run.estimator, "state_dict", None)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -210,7 +208,7 @@ def save_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer, gene
         "optimizer": optimizer.state_dict(),
         "schedule": {"step": step},
         "rng": {name: g.get_state() for name, g in generators.items()},
-        "estimator": state_dict() if callable(state_dict) else {},
+        "estimator": run.estimator.state_dict() if isinstance(run.estimator, StatefulEstimator) else {},
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -326,9 +324,8 @@ def load_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer,
         optimizer.load_state_dict(payload["optimizer"])
         for name, g in generators.items():
             g.set_state(payload["rng"][name])
-        load_state = getattr(run.estimator, "load_state_dict", None)
-        if callable(load_state):
-            load_state(payload["estimator"])
+        if isinstance(run.estimator, StatefulEstimator):
+            run.estimator.load_state_dict(payload["estimator"])
         run.model.load_state_dict(saved)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         run.model.load_state_dict(before)
@@ -372,7 +369,7 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
     config, model = run.config, run.model
     optimizer = make_optimizer(model, config)
     generators = _generators(run)
-    groups = parameter_groups(model)
+    groups = model.parameter_groups()
     records: list[dict[str, Any]] = []
     start = 0
     directory = Path(directory) if directory is not None else None

@@ -77,7 +77,7 @@ def small_cet(**settings) -> tuple[CET, Batch]:
     from ep_core.plugins import load
 
     model = CET(CETConfig.from_mapping({**SMALL_CET, **settings}), generator=generator(0, 0))
-    return model, build_batch(model, load_data(load(), "sample", kind="images"), batch_size=4, requested="sample").batch
+    return model, build_batch(model, load_data(load(), "sample", spec=CET.data), batch_size=4, requested="sample").batch
 
 
 # --- antisymmetry ------------------------------------------------------------------------------------

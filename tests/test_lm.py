@@ -129,7 +129,7 @@ def test_aep_matches_bptt_when_converged_and_naive_ep_does_not():
 def test_seed_002_comparison_on_real_shakespeare(real_data_dir):
     """A short version of seed 002 on the real text: residual, stability, per-parameter cosines."""
     registry = load()
-    text = load_data(registry, "shakespeare", kind="text", data_dir=str(real_data_dir))
+    text = load_data(registry, "shakespeare", spec=LM.data, data_dir=str(real_data_dir))
     result = run_comparison(registry, ["ep", "aep"], "lm", settings={"aep.clip": "1"},
                             model_settings={"context": "32", "width": "64", "T1": "150"}, dataset=text,
                             batch_size=4, repeats=1).to_json()

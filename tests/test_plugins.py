@@ -71,9 +71,9 @@ def test_strict_mode_turns_a_broken_plugin_into_an_error(third_party):
 def test_allow_list_limits_entry_points(third_party, monkeypatch):
     monkeypatch.setenv("EPX_LOAD_PLUGINS", "ep,halved-epx-plugin")
     registry = load()
-    assert registry.names("estimator") == ["bptt", "ep", "halved"]
+    assert registry.names("estimator") == ["backprop", "bptt", "ep", "halved"]
     monkeypatch.setenv("EPX_LOAD_PLUGINS", "")
-    assert load().names("estimator") == ["bptt"]
+    assert load().names("estimator") == ["backprop", "bptt"]
 
 
 def test_cli_lists_failed_plugin_and_still_compares(third_party):

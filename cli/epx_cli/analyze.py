@@ -55,10 +55,10 @@ class Setup:
     def build(self, overrides: dict[str, str] | None = None) -> tuple[Any, Data]:
         """(model, prepared batch) with ``overrides`` on top of the user's settings."""
         from ep_core.protocols import EquilibriumModel
-        from ep_core.session import DTYPES, build_batch, build_model, data_kind, load_data
+        from ep_core.session import DTYPES, build_batch, build_model, load_data
 
-        if self.dataset is None and data_kind(self.model_class) != "synthetic":
-            self.dataset = load_data(self.registry, self.data, kind=data_kind(self.model_class),
+        if self.dataset is None and self.model_class.data.kind != "synthetic":
+            self.dataset = load_data(self.registry, self.data, spec=self.model_class.data,
                                      data_dir=self.data_dir, download=self.download, warn=warn)
         model = build_model(self.registry, self.model_name, {**self.settings, **(overrides or {})},
                             seed=self.seed, dtype=DTYPES[self.dtype], device=self.device, dataset=self.dataset)

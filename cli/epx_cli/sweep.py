@@ -49,7 +49,6 @@ def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings
     epx sweep ep aep --model cet --vary s=0.25,0.5,1,2,4,8 --group attention --out s.json --plot s.png
     epx sweep ep aep --model cet --model-set s=2 --vary beta=0.005,0.01,0.02 --seeds 3
     """
-    from ep_core.protocols import parameter_groups
     from ep_core.session import build_model, parse_settings
     from ep_core.sweep import SweepSpec, run_sweep, summarize
 
@@ -60,7 +59,7 @@ def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings
     reg = check_names(estimators, model_name, reference, device)
     parsed_model_settings = parse_settings(model_settings, "--model-set")
     if group is not None:
-        groups = parameter_groups(build_model(reg, model_name, parsed_model_settings))
+        groups = build_model(reg, model_name, parsed_model_settings).parameter_groups()
         if group not in groups:
             raise ConfigError("group", f"{model_name} has no parameter group {group!r}; "
                                        f"valid: {', '.join(groups)}")

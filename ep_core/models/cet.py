@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ep_core.config import Config, ConfigError, option
-from ep_core.protocols import Batch, Dynamics, State
+from ep_core.protocols import Batch, DataSpec, Dynamics, State
+from ep_core.relax import unrolled_loss
 
 TOKEN_NORM_EPS = 1e-5
 
@@ -67,7 +68,8 @@ def token_norm(z: torch.Tensor) -> torch.Tensor:
 
 class CET(nn.Module):
     Config: ClassVar[type[Config]] = CETConfig
-    data: ClassVar[str] = "images"
+    data: ClassVar[DataSpec] = DataSpec(kind="images", shape=lambda cfg: (cfg.channels, cfg.image, cfg.image),
+                                        datasets=("fashionmnist",), batch_size=32)
     state_names: ClassVar[tuple[str, ...]] = ("z", "y")
 
     def __init__(self, config: CETConfig | None = None, *, generator: torch.Generator):
@@ -100,6 +102,9 @@ class CET(nn.Module):
     def parameter_groups(self) -> dict[str, list[str]]:
         return {"attention": ["W_Q", "W_K", "W_V", "W_O"], "memory": ["memories"],
                 "encoder": ["W_enc", "pos"], "decoder": ["W_dec", "b_dec"]}
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return unrolled_loss(self, batch)
 
     # --- data ---------------------------------------------------------------------------------------------
 

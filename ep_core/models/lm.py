@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ep_core.config import Config, ConfigError, option
-from ep_core.protocols import Batch, Dynamics, State
+from ep_core.protocols import Batch, DataSpec, Dynamics, State
+from ep_core.relax import unrolled_loss
 
 READOUT_NORM_EPS = 1e-8
 """Against a zero token; far below the mean square of z, which is about embed_std² (4e-4 by default)."""
@@ -67,13 +68,9 @@ class LMConfig(Config):
 
 class LM(nn.Module):
     Config: ClassVar[type[Config]] = LMConfig
-    data: ClassVar[str] = "text"
-    default_batch_size: ClassVar[int] = 16
+    data: ClassVar[DataSpec] = DataSpec(kind="text", shape=lambda cfg: (cfg.context,), datasets=("shakespeare",),
+                                        batch_size=16, from_data=lambda dataset: {"vocab": dataset.vocab_size})
     state_names: ClassVar[tuple[str, ...]] = ("z",)
-
-    @staticmethod
-    def config_from_data(dataset: Any) -> dict[str, Any]:
-        return {"vocab": dataset.vocab_size}
 
     def __init__(self, config: LMConfig | None = None, *, generator: torch.Generator):
         super().__init__()
@@ -110,6 +107,9 @@ class LM(nn.Module):
         if self.config.learn_embeddings:
             groups["embedding"] = ["token_embedding", "position_embedding"]
         return groups
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return unrolled_loss(self, batch)
 
     def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
         cfg = self.config

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ep_core.config import Config, ConfigError, option
-from ep_core.protocols import Batch, Dynamics, State
+from ep_core.protocols import Batch, DataSpec, Dynamics, State
+from ep_core.relax import unrolled_loss
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ToyConfig(Config):
 
 class Toy(nn.Module):
     Config: ClassVar[type[Config]] = ToyConfig
-    data: ClassVar[str] = "synthetic"
+    data: ClassVar[DataSpec] = DataSpec(kind="synthetic", batch_size=32)
     state_names: ClassVar[tuple[str, ...]] = ("x",)
 
     def __init__(self, config: ToyConfig | None = None, *, generator: torch.Generator):
@@ -64,14 +65,24 @@ class Toy(nn.Module):
     def parameter_groups(self) -> dict[str, list[str]]:
         return {"coupling": ["W"], "input": ["U", "b"]}
 
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return unrolled_loss(self, batch)
+
     def make_batch(self, size: int, *, generator: torch.Generator) -> Batch:
         """Random inputs and targets in (−0.9, 0.9), reachable by tanh units."""
         cfg = self.config
-        dtype = self.W.dtype
-        inputs = torch.randn(size, cfg.inputs, generator=generator).to(dtype=dtype, device=self.W.device)
-        targets = (1.8 * torch.rand(size, cfg.outputs, generator=generator) - 0.9).to(dtype=dtype,
-                                                                                      device=self.W.device)
-        return {"inputs": inputs, "targets": targets}
+        inputs = torch.randn(size, cfg.inputs, generator=generator)
+        targets = 1.8 * torch.rand(size, cfg.outputs, generator=generator) - 0.9
+        return self.prepare_batch(inputs, targets, generator=generator)
+
+    def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
+        """Inputs (B×m) and targets (B×outputs), in the model's dtype and on its device."""
+        cfg = self.config
+        if inputs.dim() != 2 or inputs.shape[1] != cfg.inputs or targets.shape != (inputs.shape[0], cfg.outputs):
+            raise ConfigError("inputs", f"toy expects inputs (B, {cfg.inputs}) and targets (B, {cfg.outputs}), got "
+                                        f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+        like = {"dtype": self.W.dtype, "device": self.W.device}
+        return {"inputs": inputs.to(**like), "targets": targets.to(**like)}
 
     def coupling_matrix(self) -> torch.Tensor:
         return 0.5 * (self.W + self.W.T) if self.config.conservative else self.W

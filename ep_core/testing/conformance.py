@@ -64,7 +64,7 @@ from hypothesis import strategies as st
 from ep_core.bptt import BPTT
 from ep_core.config import Config
 from ep_core.harness import CONVERGED_TOL, gradient_metrics
-from ep_core.protocols import Batch, EpxError, GradientEstimate, parameter_groups
+from ep_core.protocols import Batch, EpxError, GradientEstimate
 from ep_core.testing import strategies
 
 SUITE_VERSION = 3
@@ -269,7 +269,7 @@ def check_exact_limit(estimator: Any, model: torch.nn.Module, batch: Batch, *, m
                          f"{CONVERGED_TOL:g}); an exact limit holds only at a fixed point: raise T1")
     limited = at_limit(estimator, settings)
     metrics = gradient_metrics(run_estimate(limited, model, batch, seed=seed).grads, reference.grads,
-                               parameter_groups(model))
+                               model.parameter_groups())
     cosine, rel_error, ratio = metrics["cosine"], metrics["rel_error"], metrics["norm_ratio"]
     if cosine is None:
         raise ValueError("the bptt gradient of this problem is zero, so no cosine is defined")
@@ -373,7 +373,7 @@ def check_cost_scaling(estimator: Any, model: torch.nn.Module, batch: Batch, *, 
     """
     plain = run_estimate(estimator, model, batch, seed=seed).grads
     scaled = run_estimate(estimator, _ScaledCost(model, factor), batch, seed=seed).grads
-    metrics = gradient_metrics(scaled, {name: factor * g for name, g in plain.items()}, parameter_groups(model))
+    metrics = gradient_metrics(scaled, {name: factor * g for name, g in plain.items()}, model.parameter_groups())
     if metrics["cosine"] is None:
         return  # a zero gradient scales trivially
     if not (metrics["cosine"] >= min_cosine and abs(metrics["norm_ratio"] - 1) <= 0.01):

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from ep_core.config import Config
 from ep_core.models.toy import Toy, ToyConfig
-from ep_core.protocols import Batch, EquilibriumModel
+from ep_core.protocols import Batch, EquilibriumModel, SyntheticData
 
 T1 = 300
 """Free-phase steps at ``EPS``. At a toy's fixed point every eigenvalue of J = ∂F/∂x has real part at most
@@ -141,16 +141,14 @@ def batches(draw: st.DrawFn, model: torch.nn.Module, *, max_size: int = 4) -> Ba
     token ids or images in [0, 1] for text and image models, prepared by the model."""
     size = draw(st.integers(1, max_size))
     generator = torch.Generator().manual_seed(draw(SEEDS))
-    kind = getattr(model, "data", "images")
-    if kind == "synthetic":
+    if isinstance(model, SyntheticData):
         return model.make_batch(size, generator=generator)
     parameter = next(model.parameters())
-    if kind == "text":
-        cfg = model.config
-        tokens = torch.randint(cfg.vocab, (size, cfg.context + 1), generator=generator)
+    shape = model.data.sample_shape(model.config)
+    if model.data.kind == "text":
+        tokens = torch.randint(model.config.vocab, (size, shape[0] + 1), generator=generator)
         return model.prepare_batch(tokens[:, :-1], tokens[:, 1:], generator=generator)
-    cfg = model.config
-    images = torch.rand(size, cfg.channels, cfg.image, cfg.image, generator=generator, dtype=parameter.dtype)
+    images = torch.rand(size, *shape, generator=generator, dtype=parameter.dtype)
     return model.prepare_batch(images, torch.zeros(size, dtype=torch.long), generator=generator)
 
 

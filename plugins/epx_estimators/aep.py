@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 
 from ep_core.config import Config, option
-from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate, State
+from ep_core.protocols import Batch, DeclaresNonconservative, EquilibriumModel, GradientEstimate, State
 from ep_core.relax import Equilibrium, contrast, force_pairing, free_phase, linearize, norm, scale, sub
 
 
@@ -66,10 +66,9 @@ class AEP:
 
         J is the Jacobian of the model's non-conservative part when it declares one, else of the whole force.
         """
-        nonconservative = getattr(model, "nonconservative", None)
-        if callable(nonconservative):
+        if isinstance(model, DeclaresNonconservative):
             def part(x: State) -> State:
-                return nonconservative(x, batch)
+                return model.nonconservative(x, batch)
 
             def part_at(x: State, force: State) -> State:
                 return part(x)
@@ -101,7 +100,7 @@ class AEP:
         a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered,
                      correction=correction)
         nudged_steps = cfg.T2 * (2 if cfg.centered else 1)
-        declared = callable(getattr(model, "nonconservative", None))
+        declared = isinstance(model, DeclaresNonconservative)
         return GradientEstimate(
             grads=force_pairing(model, batch, equilibrium.state, a.direction),
             stats={"residual": equilibrium.residual, "T1": equilibrium.steps,

@@ -24,6 +24,8 @@ def register_models(register):
              summary="causal equilibrium attention on characters (next-character cross-entropy); scale s")
     register("toy", "ep_core.models.toy:Toy",
              summary="tiny Hopfield network, conservative=True|False, for property tests")
+    register("resmlp", "ep_core.models.resmlp:ResMLP",
+             summary="residual MLP classifier (embed, L blocks LN→Linear→GELU→Linear, norm, head); seed 004's model")
 
 
 @hookimpl

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ep_core.protocols import Batch, EpxError, GradientEstimate, State
+from ep_core.protocols import Batch, EpxError, GradientEstimate, State, StatefulEstimator
 from ep_core.analysis import fixed_point_stability
 from ep_core.relax import CONVERGED_TOL, norm, sub
-from ep_core.seeding import ESTIMATOR_STREAM, PROBE_STREAM, generator
+from ep_core.seeding import ESTIMATOR_STREAM, PROBE_STREAM, STATE_STREAM, generator
 
 FORMAT = "epx.comparison/1"
 
@@ -211,6 +211,13 @@ def environment() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+def init_state(estimator: Any, model: Any, *, seed: int) -> None:
+    """Build a stateful estimator's state (DFA's feedback matrices) from the model and the seed's own stream, on
+    the CPU so that the state is the same on every device; nothing for an estimator without state."""
+    if isinstance(estimator, StatefulEstimator):
+        estimator.init(model, generator=generator(seed, STATE_STREAM))
+
+
 def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, reference: tuple[str, Any],
             seed: int = 0, repeats: int = 3, warmup: int = 1, converged_tol: float = CONVERGED_TOL,
             stability_iterations: int = 30, meta: Mapping[str, Any] | None = None,
@@ -226,6 +233,8 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
     groups = model.parameter_groups()
     total = len(estimators) + 1
     ref_label, ref_estimator = reference
+    for _, estimator in [reference, *estimators]:
+        init_state(estimator, model, seed=seed)
     if progress:
         progress(ref_label, 0, total)
     ref_measurement = measure(ref_estimator, model, batch, seed=seed, repeats=repeats, warmup=warmup)

@@ -21,8 +21,8 @@ from ep_core.config import Config
 from ep_core.errors import ConfigError, DivergenceError, EpxError
 
 __all__ = ["Batch", "DataSpec", "Dataset", "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError",
-           "Estimator", "EquilibriumModel", "GradientEstimate", "Model", "NamedState", "State", "StatefulEstimator",
-           "SyntheticData"]
+           "Estimator", "EquilibriumModel", "GradientEstimate", "HasMetrics", "Model", "NamedState", "ResidualModel",
+           "State", "StatefulEstimator", "SyntheticData"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -126,6 +126,31 @@ class EquilibriumModel(Model, Protocol):
 
 
 @runtime_checkable
+class ResidualModel(Model, Protocol):
+    """A feed-forward residual network: h_0 = embed(x), h_{l+1} = h_l + f_l(h_l) for the blocks f_l, logits =
+    readout(h_L) (the final norm and head); ``width`` is d, the width of every h_l, and ``classes`` the number of
+    logits. ``forward_hidden(batch)`` gives (h_0 … h_L, logits) in one forward pass; ``batch["inputs"]`` is what
+    ``embed`` takes and ``batch["labels"]`` the int64 targets."""
+
+    width: int
+    classes: int
+    blocks: torch.nn.ModuleList
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_hidden(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+
+
+@runtime_checkable
+class HasMetrics(Protocol):
+    """A model with task metrics (accuracy, ...) on a batch, for training and reports."""
+
+    def metrics(self, batch: Batch) -> dict[str, float]: ...
+
+
+@runtime_checkable
 class DeclaresNonconservative(Protocol):
     """An equilibrium model that names the part N of its force that is not a gradient (F = −∇E + N), so that aep
     linearises only N."""
@@ -173,8 +198,9 @@ class Estimator(Protocol):
     exact_limit: ClassVar[str]
     conformance_limit: ClassVar[str | None]
     """What ep_core.testing samples to check exactness: "conservative", "any-stable" or None. Optional class
-    attributes: ``limit_settings`` (config changes that move the estimator to its exact limit, for the kit) and
-    ``summary`` (one line for ``epx list``)."""
+    attributes: ``limit_settings`` (config changes that move the estimator to its exact limit, for the kit),
+    ``properties`` (functions ``(estimator, model, batch, seed)`` that raise AssertionError when a property the
+    estimator promises does not hold; the kit runs them) and ``summary`` (one line for ``epx list``)."""
     config: Config
 
     def estimate(self, model: Any, batch: Batch, *, generator: torch.Generator) -> GradientEstimate: ...
@@ -186,7 +212,7 @@ class StatefulEstimator(Protocol):
     generator, exposed as tensors, and given back the same way, so that checkpoints hold it and resume restores
     it."""
 
-    def init_state(self, model: Any, *, generator: torch.Generator) -> None: ...
+    def init(self, model: Any, *, generator: torch.Generator) -> None: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 

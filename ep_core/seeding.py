@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     import torch
 
 (INIT_STREAM, DATA_STREAM, MASK_STREAM, ESTIMATOR_STREAM, PROBE_STREAM, EVAL_STREAM, EVAL_MASK_STREAM,
- PENALTY_STREAM) = range(8)
-STREAMS = 8
+ PENALTY_STREAM, STATE_STREAM) = range(9)
+STREAMS = 9
 
 SEED_MAX = 2**32 - 1
 # seed·7919 + stream stays below 2⁴⁶ for every seed in range, far inside the 64 bits manual_seed takes, and two

@@ -45,7 +45,7 @@ import torch
 
 from ep_core.config import ConfigError
 from ep_core.files import read_json, require, write_atomic
-from ep_core.harness import environment, gradient_metrics, jsonable
+from ep_core.harness import environment, gradient_metrics, init_state, jsonable
 from ep_core.errors import EpxError, FileFormatError, Interrupted, ResumeError
 from ep_core.protocols import StatefulEstimator
 from ep_core.analysis import fixed_point_stability
@@ -137,6 +137,8 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     check_requires(estimator, type(rule), network, model)
     batch_size = model_class.data.batch_size if batch_size is None else batch_size
     check_batch_size(network, dataset, batch_size, held_out=held_out)
+    for built in (rule, exact):
+        init_state(built, network, seed=seed)
     spec = {"estimator": {"name": estimator, "config": rule.config.to_dict()},
             "model": {"name": model, "config": network.config.to_dict()},
             "data": {"requested": data, "name": dataset.name if dataset is not None else "synthetic"},

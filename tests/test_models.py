@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ep_core.models.cet import CET, TOKEN_NORM_EPS, CETConfig, token_norm
+from ep_core.models.resmlp import ResMLP, ResMLPConfig
 from ep_core.models.toy import Toy, ToyConfig
-from ep_core.protocols import EquilibriumModel
+from ep_core.protocols import EquilibriumModel, ResidualModel
 from ep_core.relax import free_phase, relax
 
 SMALL = {"dim": 16, "heads": 2, "head_dim": 8, "memories": 16}
@@ -186,9 +187,10 @@ def test_cet_default_config_reaches_its_fixed_point(seed):
     CET(CETConfig(), generator=torch.Generator().manual_seed(0)),
     Toy(ToyConfig(conservative=True), generator=torch.Generator().manual_seed(0)),
     Toy(ToyConfig(conservative=False), generator=torch.Generator().manual_seed(0)),
-], ids=["cet-small", "cet", "toy", "toy-nonconservative"])
+    ResMLP(ResMLPConfig(), generator=torch.Generator().manual_seed(0)),
+], ids=["cet-small", "cet", "toy", "toy-nonconservative", "resmlp"])
 def test_parameter_groups_cover_every_parameter_once(model):
-    assert isinstance(model, EquilibriumModel)
+    assert isinstance(model, ResidualModel if isinstance(model, ResMLP) else EquilibriumModel)
     members = [name for group in model.parameter_groups().values() for name in group]
     assert sorted(members) == sorted(name for name, _ in model.named_parameters())
     assert len(members) == len(set(members))

@@ -34,7 +34,15 @@ cost_scaling                 2      with a ``conformance_limit``: the gradient o
                                     of C (cosine ≥ 0.999, norm within 1%) at the limit config
 valid_configs                2      any config inside the declared ranges gives finite gradients or a clear
                                     ``EpxError`` (e.g. a diverged relaxation), never another exception
+state_round_trip             4      for a stateful estimator (``init``, ``state_dict``, ``load_state_dict``):
+                                    the state is tensors, restores bit-identical gradients, and a state of
+                                    the wrong shape is refused with an ``EpxError``
+declared_properties          4      every function in the estimator's ``properties`` holds on the problems
 ===========================  =====  ==================================================================
+
+Problems are drawn for the model protocol the estimator requires: tiny converging toys for an
+``EquilibriumModel`` (or plain ``Model``) estimator, tiny residual MLPs for a ``ResidualModel`` one. A stateful
+estimator gets its state built from each problem's model and seed before it is run.
 
 ``conformance_limit`` is ``"conservative"`` (exact on conservative models at a converged stable fixed point),
 ``"any-stable"`` (at any converged stable fixed point) or ``None`` (no exact limit: the numerical checks are
@@ -51,6 +59,7 @@ takes twice as long.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -63,11 +72,11 @@ from hypothesis import strategies as st
 
 from ep_core.bptt import BPTT
 from ep_core.config import Config
-from ep_core.harness import CONVERGED_TOL, gradient_metrics
-from ep_core.protocols import Batch, EpxError, GradientEstimate
+from ep_core.harness import CONVERGED_TOL, gradient_metrics, init_state
+from ep_core.protocols import Batch, EpxError, GradientEstimate, StatefulEstimator
 from ep_core.testing import strategies
 
-SUITE_VERSION = 3
+SUITE_VERSION = 4
 
 LIMITS = ("conservative", "any-stable")
 LIMIT_SETTINGS: dict[str, Any] = {"beta": 1e-3, "T2": 100}
@@ -117,8 +126,12 @@ def at_limit(estimator: Any, settings: Mapping[str, Any] = LIMIT_SETTINGS) -> An
     return type(estimator)(estimator.config.replace(**changes)) if changes else estimator
 
 
-def run_estimate(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> GradientEstimate:
-    """``estimator.estimate`` with a fresh generator seeded by ``seed`` on the model's device."""
+def run_estimate(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0,
+                 fresh_state: bool = True) -> GradientEstimate:
+    """``estimator.estimate`` with a fresh generator seeded by ``seed`` on the model's device; a stateful
+    estimator first gets its state built from the model and ``seed`` (unless ``fresh_state`` is false)."""
+    if fresh_state:
+        init_state(estimator, model, seed=seed)
     device = next(model.parameters()).device
     result = estimator.estimate(model, batch, generator=torch.Generator(device=device).manual_seed(seed))
     if not isinstance(result, GradientEstimate):
@@ -389,6 +402,45 @@ def _run_cost_scaling(estimator: Any, data: st.DataObject, context: Context) -> 
                        seed=seed, min_cosine=context.min_cosine)
 
 
+def check_state_round_trip(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """A stateful estimator's ``state_dict`` is tensors; loaded into an estimator whose state was built from another
+    seed, it gives bit-identical gradients; a state of the wrong shape is refused with an EpxError."""
+    first = run_estimate(estimator, model, batch, seed=seed)
+    state = estimator.state_dict()
+    if not state or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        _fail(estimator, f"state_dict() must be a non-empty dict of tensors, got {state!r:.200}")
+    saved = {key: tensor.clone() for key, tensor in state.items()}
+    other = type(estimator)(estimator.config)
+    init_state(other, model, seed=seed + 1)
+    other.load_state_dict(saved)
+    second = run_estimate(other, model, batch, seed=seed, fresh_state=False)
+    for name, g in first.grads.items():
+        if not torch.equal(g, second.grads[name]):
+            _fail(estimator, f"after load_state_dict(state_dict()) the gradient of {name!r} differs: the state "
+                             f"does not hold everything the estimate depends on")
+    key = next(iter(saved))
+    try:
+        other.load_state_dict({**saved, key: torch.zeros(*saved[key].shape, 2)})
+    except EpxError:
+        return
+    except Exception as exc:  # noqa: BLE001 - the violation being checked for
+        _fail(estimator, f"load_state_dict of a state with a wrong shape raised {type(exc).__name__}: {exc}; raise "
+                         f"an EpxError naming what does not fit")
+    _fail(estimator, "load_state_dict accepted a state whose tensors have the wrong shape")
+
+
+def check_declared_properties(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
+    """Every property the estimator declares (``properties``: functions ``(estimator, model, batch, seed)`` that
+    raise AssertionError when the property does not hold) holds on the problem; a stateful estimator gets its state
+    built for the problem first."""
+    init_state(estimator, model, seed=seed)
+    for prop in type(estimator).properties:
+        try:
+            prop(estimator, model, batch, seed)
+        except AssertionError as exc:
+            _fail(estimator, f"its declared property {prop.__name__} does not hold: {exc}")
+
+
 def _run_valid_configs(estimator: Any, data: st.DataObject, context: Context) -> None:
     config = data.draw(strategies.configs(type(estimator)), label="config")
     model, batch, seed = _draw(data, context)
@@ -406,12 +458,25 @@ def _run_valid_configs(estimator: Any, data: st.DataObject, context: Context) ->
                          f"and no EpxError was raised")
 
 
+def _without_limit(estimator: Any) -> str | None:
+    return None if conformance_limit(estimator) is not None else "no conformance_limit declared"
+
+
+def _without_state(estimator: Any) -> str | None:
+    return None if isinstance(estimator, StatefulEstimator) else "keeps no state between estimates"
+
+
+def _without_properties(estimator: Any) -> str | None:
+    return None if getattr(type(estimator), "properties", ()) else "declares no properties"
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
     since: int
     run: Callable[[Any, st.DataObject, Context], None]
-    needs_limit: bool = False
+    skip: Callable[[Any], str | None] | None = None
+    """Why the check does not apply to an estimator (it is then skipped), or None when it does."""
     draws: bool = True
     strengthened: int = 0
     """The suite that last added assertions to the check (0: none after ``since``)."""
@@ -444,9 +509,11 @@ CHECKS: tuple[Check, ...] = (
     Check("model_untouched", 1, _on_a_problem(check_model_untouched)),
     Check("param_grad_untouched", 1, _on_a_problem(check_param_grad_untouched)),
     Check("deterministic", 1, _on_a_problem(check_deterministic)),
-    Check("exact_limit", 1, _run_exact_limit, needs_limit=True, strengthened=_MAGNITUDE_SINCE),
-    Check("cost_scaling", 2, _run_cost_scaling, needs_limit=True),
+    Check("exact_limit", 1, _run_exact_limit, skip=_without_limit, strengthened=_MAGNITUDE_SINCE),
+    Check("cost_scaling", 2, _run_cost_scaling, skip=_without_limit),
     Check("valid_configs", 2, _run_valid_configs),
+    Check("state_round_trip", 4, _on_a_problem(check_state_round_trip), skip=_without_state),
+    Check("declared_properties", 4, _on_a_problem(check_declared_properties), skip=_without_properties),
 )
 CHECK_NAMES = tuple(check.name for check in CHECKS)
 
@@ -531,7 +598,10 @@ def check_estimator(estimator: Any, *, models: Callable[..., st.SearchStrategy] 
     unknown = sorted((set(selected) | set(expected)) - set(CHECK_NAMES))
     if unknown:
         raise ValueError(f"unknown check(s) {unknown}; valid: {', '.join(CHECK_NAMES)}")
-    context = Context(models=models or strategies.models, min_cosine=min_cosine, max_rel_error=max_rel_error,
+    requires = getattr(estimator if isinstance(estimator, type) else type(estimator), "requires", None)
+    default_models = (functools.partial(strategies.models, protocol=requires) if isinstance(requires, type)
+                      else strategies.models)
+    context = Context(models=models or default_models, min_cosine=min_cosine, max_rel_error=max_rel_error,
                       limit_settings=limit_settings, suite=suite)
     report = ConformanceReport(_name(estimator), suite)
     instance: Any = None
@@ -545,8 +615,9 @@ def check_estimator(estimator: Any, *, models: Callable[..., st.SearchStrategy] 
                 if instance is None:
                     check_declarations(estimator)
                     instance = as_estimator(estimator)
-                if check.needs_limit and conformance_limit(instance) is None:
-                    result.status, result.message = "skipped", "no conformance_limit declared"
+                reason = check.skip(instance) if check.skip is not None else None
+                if reason is not None:
+                    result.status, result.message = "skipped", reason
                     report.results.append(result)
                     continue
             target = estimator if instance is None else instance

@@ -31,6 +31,7 @@ import torch
 from hypothesis import strategies as st
 
 from ep_core.config import Config
+from ep_core.models.resmlp import ResMLP, ResMLPConfig
 from ep_core.models.toy import Toy, ToyConfig
 from ep_core.protocols import Batch, EquilibriumModel, SyntheticData
 
@@ -119,20 +120,73 @@ def toy_models(draw: st.DrawFn, conservative: bool | None = None, *, T1: int = T
                             batch_seed=draw(SEEDS), dtype=dtype)
 
 
+@dataclass(frozen=True, repr=False, eq=False)
+class ResidualProblem:
+    """A tiny resmlp and a batch for it (random images in [0, 1] and labels), plus what rebuilds both."""
+
+    model: ResMLP
+    batch: Batch
+    config: ResMLPConfig
+    init_seed: int
+    batch_size: int
+    batch_seed: int
+    dtype: torch.dtype = torch.float64
+
+    conservative = None
+
+    def __iter__(self):
+        """``model, batch = problem``."""
+        return iter((self.model, self.batch))
+
+    def __repr__(self) -> str:
+        return (f"make_residual_problem({self.config!r}, init_seed={self.init_seed}, "
+                f"batch_size={self.batch_size}, batch_seed={self.batch_seed}, dtype={self.dtype})")
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # how Hypothesis prints a falsifying example
+        printer.text(repr(self))
+
+
+def make_residual_problem(config: ResMLPConfig, *, init_seed: int, batch_size: int, batch_seed: int,
+                          dtype: torch.dtype = torch.float64) -> ResidualProblem:
+    """The resmlp (parameters from ``init_seed``) and a batch of random images and labels (from ``batch_seed``)."""
+    model = ResMLP(config, generator=torch.Generator().manual_seed(init_seed)).to(dtype=dtype)
+    generator = torch.Generator().manual_seed(batch_seed)
+    images = torch.rand(batch_size, config.channels, config.image, config.image, generator=generator, dtype=dtype)
+    labels = torch.randint(config.classes, (batch_size,), generator=generator)
+    batch = model.prepare_batch(images, labels, generator=generator)
+    return ResidualProblem(model, batch, config, init_seed, batch_size, batch_seed, dtype)
+
+
+@st.composite
+def residual_models(draw: st.DrawFn, *, dtype: torch.dtype = torch.float64) -> ResidualProblem:
+    """A :class:`ResidualProblem`: width 2–8, 1–3 blocks, 2×2 to 4×4 images of 1–3 channels, 2–5 classes, a
+    batch of 1–4 samples."""
+    config = ResMLPConfig(dim=draw(st.integers(2, 8)), blocks=draw(st.integers(1, 3)),
+                          hidden=draw(st.integers(2, 8)), channels=draw(st.integers(1, 3)),
+                          image=draw(st.integers(2, 4)), classes=draw(st.integers(2, 5)))
+    return make_residual_problem(config, init_seed=draw(SEEDS), batch_size=draw(st.integers(1, 4)),
+                                 batch_seed=draw(SEEDS), dtype=dtype)
+
+
 def models(*, protocol: type = EquilibriumModel, conservative: bool | None = None, T1: int = T1, eps: float = EPS,
            max_units: int = 8, max_coupling: float = 0.7,
-           dtype: torch.dtype = torch.float64) -> st.SearchStrategy[ToyProblem]:
-    """Problems (``model, batch = problem``) whose model satisfies ``protocol``: random converging toys.
+           dtype: torch.dtype = torch.float64) -> st.SearchStrategy[ToyProblem] | st.SearchStrategy[ResidualProblem]:
+    """Problems (``model, batch = problem``) whose model satisfies ``protocol``: random converging toys for the
+    protocols a toy satisfies (``Model``, ``EquilibriumModel``), tiny residual MLPs for ``ResidualModel``.
 
-    ``conservative`` None draws both kinds; ``problem.conservative`` says which was drawn. The toys are float64
-    and tiny (3–8 units), so a check runs in milliseconds; their free phase converges within the default T1.
-    A smaller ``max_coupling`` contracts faster (at most 1 − eps·(1 − max_coupling) per step) and allows a
-    smaller T1.
+    ``conservative`` None draws both kinds of toy; ``problem.conservative`` says which was drawn (None for a
+    residual problem, which has no such notion). The toys are float64 and tiny (3–8 units), so a check runs in
+    milliseconds; their free phase converges within the default T1. A smaller ``max_coupling`` contracts faster
+    (at most 1 − eps·(1 − max_coupling) per step) and allows a smaller T1.
     """
-    probe = Toy(ToyConfig(), generator=torch.Generator().manual_seed(0))
-    if not isinstance(probe, protocol):
-        raise TypeError(f"the kit draws toy equilibrium models; they do not satisfy {protocol.__name__}")
-    return toy_models(conservative, T1=T1, eps=eps, max_units=max_units, max_coupling=max_coupling, dtype=dtype)
+    if isinstance(Toy(ToyConfig(), generator=torch.Generator().manual_seed(0)), protocol):
+        return toy_models(conservative, T1=T1, eps=eps, max_units=max_units, max_coupling=max_coupling, dtype=dtype)
+    if isinstance(ResMLP(ResMLPConfig(dim=2, image=2), generator=torch.Generator().manual_seed(0)), protocol):
+        if conservative is not None:
+            raise TypeError("residual models are neither conservative nor not: draw them with conservative=None")
+        return residual_models(dtype=dtype)
+    raise TypeError(f"the kit draws toy equilibrium models and tiny residual MLPs; neither satisfies "
+                    f"{protocol.__name__}")
 
 
 @st.composite

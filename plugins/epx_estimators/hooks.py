@@ -10,3 +10,6 @@ aep = registers("estimator", "aep", "epx_estimators.aep:AEP",
                 summary="asymmetric EP: nudged phases corrected by −(Jv − Jᵀv), exact without symmetry")
 adjoint = registers("estimator", "adjoint", "epx_estimators.adjoint:Adjoint",
                     summary="projected implicit differentiation: a = J_Gᵀa + g at the fixed point")
+dfa = registers("estimator", "dfa", "epx_estimators.dfa:DFA",
+                summary="direct feedback alignment with a residual-branch penalty λ: random projections of the "
+                        "output error train each block")

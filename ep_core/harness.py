@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from ep_core.protocols import Batch, EpxError, GradientEstimate, State, StatefulEstimator
+from ep_core.protocols import Batch, EpxError, GradientEstimate, ResidualModel, State, StatefulEstimator
 from ep_core.analysis import fixed_point_stability
 from ep_core.relax import CONVERGED_TOL, norm, sub
+from ep_core.residual_stream import meaningless, residual_stream
 from ep_core.seeding import ESTIMATOR_STREAM, PROBE_STREAM, STATE_STREAM, generator
 
 FORMAT = "epx.comparison/1"
@@ -152,9 +153,16 @@ class Comparison:
     def converged(self) -> bool:
         return all(r.converged is not False for r in self.results)
 
+    @property
+    def meaningful(self) -> bool:
+        """False when the reference itself makes cosines meaningless (a collapsed gradient, an exploded stream)."""
+        stream = self.meta.get("residual_stream")
+        return not (stream and stream["not_meaningful"])
+
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **jsonable(self.meta), "reference": self.reference,
-                "converged": self.converged, "results": [r.to_json() for r in self.results]}
+                "converged": self.converged, "meaningful": self.meaningful,
+                "results": [r.to_json() for r in self.results]}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, allow_nan=False)
@@ -254,6 +262,12 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
         result.fixed_point_distance = {other: _relative_distance(mine, theirs)
                                        for other, theirs in fixed_points.items()
                                        if other != result.label and mine is not None and theirs is not None}
+    stream = residual_stream(model, batch) if isinstance(model, ResidualModel) else None
+    if stream is not None:
+        reference_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double())
+                                                                     for g in ref_grads.values()])))
+        stream["reference_grad_norm"] = reference_norm
+        stream["not_meaningful"] = meaningless(stream, reference_norm)
     end_state = ref_measurement.estimate.fixed_point
     stability = None
     if stability_iterations and end_state is not None:
@@ -265,5 +279,6 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
     info = {"seed": seed, "repeats": repeats, "warmup": warmup, "converged_tol": converged_tol,
             "dtype": str(device.dtype).removeprefix("torch."), "device": str(device.device),
             "parameter_groups": {g: list(m) for g, m in groups.items()}, "fixed_point": stability,
+            "residual_stream": stream,
             "environment": environment()}
     return Comparison(meta={**(meta or {}), **info}, reference=ref_label, results=results)

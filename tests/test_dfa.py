@@ -135,3 +135,50 @@ def test_dfa_on_an_equilibrium_model_is_a_usage_error(epx):
     result = epx("compare", "dfa", "bptt", "--model", "cet", "--data", "sample")
     assert result.exit_code == 2
     assert "dfa needs a ResidualModel; cet is not one" in result.stderr
+
+
+def test_residual_stream_diagnostics_match_their_definitions():
+    from ep_core.residual_stream import residual_stream
+
+    model, batch = problem(seed=2)
+    stream = residual_stream(model, batch)
+    with torch.no_grad():
+        hidden, logits = model.forward_hidden(batch)
+    norms = [h.norm(dim=-1) for h in hidden]
+    assert stream["h_L_norm"] == pytest.approx(float(norms[-1].median()))
+    assert stream["growth"] == pytest.approx([float((b / a).median()) for a, b in zip(norms, norms[1:])])
+    assert stream["max_growth"] == max(stream["growth"]) and stream["probe_layer"] == 2
+    h = [model.embed(batch["inputs"]).detach().requires_grad_()]
+    for block in model.blocks:
+        h.append(h[-1] + block(h[-1]))
+    (g2,) = torch.autograd.grad(F.cross_entropy(model.readout(h[-1]), batch["labels"]), [h[2]])
+    assert stream["grad_norm"] == pytest.approx(float(g2.norm(dim=-1).median()))
+    assert stream["accuracy"] == pytest.approx(float((logits.argmax(-1) == batch["labels"]).double().mean()))
+
+
+def test_an_exploded_stream_makes_the_comparison_not_meaningful():
+    from ep_core.harness import compare
+    from ep_core.residual_stream import meaningless
+    from epx_cli.render import comparison_notes, comparison_table
+    from rich.console import Console
+
+    assert meaningless({"max_growth": 2.0, "h_L_norm": 1.0}, 1e-9) == [
+        "the reference gradient has collapsed (norm 1.0e-09 < 1e-07)"]
+    model, batch = problem(seed=4)
+    healthy = compare([("dfa", DFA())], model, batch, reference=("backprop", Backprop()), repeats=1).to_json()
+    assert healthy["meaningful"] is True and healthy["residual_stream"]["not_meaningful"] == []
+    with torch.no_grad():
+        for block in model.blocks:
+            block.fc2.weight.mul_(1e4)
+            block.fc2.bias.mul_(1e4)
+    meta = {"model": {"name": "resmlp", "config": model.config.to_dict()}, "data": {"name": "random"}}
+    exploded = compare([("dfa", DFA())], model, batch, reference=("backprop", Backprop()), repeats=1,
+                       meta=meta).to_json()
+    assert exploded["meaningful"] is False
+    assert "the residual stream has exploded" in exploded["residual_stream"]["not_meaningful"][0]
+    console = Console(width=200, record=True)
+    console.print(comparison_table(exploded))
+    text = " ".join(console.export_text().split())
+    assert text.count(" ?") == 1 + len(model.parameter_groups())  # every cosine of dfa, none of the reference
+    assert "cosines NOT meaningful" in text
+    assert any("are not meaningful" in note for note in comparison_notes(exploded))

@@ -105,13 +105,14 @@ def colour_legend(*entries: str) -> Text:
     return legend("colours: " + entries[0], *entries[1:])
 
 
-def fmt_cosine(value: float | None) -> Text:
-    """At least 4 significant digits; 5 decimals from 0.999 on, where 4 would hide the differences that matter."""
+def fmt_cosine(value: float | None, *, doubtful: bool = False) -> Text:
+    """At least 4 significant digits; 5 decimals from 0.999 on, where 4 would hide the differences that matter.
+    ``doubtful``: the reference makes the cosine meaningless; marked ``?`` and dimmed."""
     if value is None:
         return Text("n/a", style="dim")
     style = "green" if value >= GREEN else "yellow" if value >= YELLOW else "red"
     text = f"{value:.5f}" if value >= GREEN else f"{value:.4f}" if abs(value) >= 0.1 else f"{value:#.4g}"
-    return Text(text, style=style)
+    return Text(text + " ?", style="dim") if doubtful else Text(text, style=style)
 
 
 def fmt_number(value: float | None, spec: str) -> str:
@@ -141,8 +142,8 @@ def fmt_bytes(value: int | None) -> str:
 
 def comparison_title(data: dict[str, Any]) -> str:
     model = data["model"]
-    knobs = ", ".join(f"{k}={model['config'][k]}" for k in ("s", "T1", "eps", "project", "conservative")
-                      if k in model["config"])
+    knobs = ", ".join(f"{k}={model['config'][k]}" for k in ("s", "T1", "eps", "project", "conservative", "dim",
+                                                             "blocks") if k in model["config"])
     source = data["data"]
     return (f"{', '.join(r['label'] for r in data['results'][1:])} vs {data['reference']} on {model['name']} "
             f"({knobs}) · data: {source['name']} ({source.get('batch_size')} samples) · "
@@ -151,17 +152,20 @@ def comparison_title(data: dict[str, Any]) -> str:
 
 def comparison_table(data: dict[str, Any]) -> Table:
     groups = list(data["parameter_groups"])
-    table = Table(title=comparison_title(data), caption=fixed_point_line(data), header_style="bold")
+    caption = fixed_point_line(data) or residual_stream_line(data)
+    table = Table(title=comparison_title(data), caption=caption, header_style="bold")
+    doubtful = data.get("meaningful") is False
     table.add_column("estimator", no_wrap=True)
     for header in ("cos\nall", *(f"cos\n{g}" for g in groups), "rel\nerr", "norm\nratio", "ms", "peak\nmem",
                    "residual", "F\nevals"):
         table.add_column(header, justify="right")
     for row in data["results"]:
         metrics = row["metrics"]
+        mark = doubtful and row["label"] != data["reference"]
         table.add_row(
             row["label"] + (" (ref)" if row["label"] == data["reference"] else ""),
-            fmt_cosine(metrics["cosine"]),
-            *(fmt_cosine(metrics["groups"].get(g)) for g in groups),
+            fmt_cosine(metrics["cosine"], doubtful=mark),
+            *(fmt_cosine(metrics["groups"].get(g), doubtful=mark) for g in groups),
             fmt_number(metrics["rel_error"], ".3g"),
             fmt_number(metrics["norm_ratio"], ".3g"),
             fmt_number(row["ms_median"], ".1f"),
@@ -187,6 +191,19 @@ def fixed_point_line(data: dict[str, Any]) -> str | None:
     return line
 
 
+def residual_stream_line(data: dict[str, Any]) -> str | None:
+    """A residual network's stream on the batch: seed 004's diagnostics."""
+    stream = data.get("residual_stream")
+    if not stream:
+        return None
+    line = (f"residual stream: median ‖h_L‖ {stream['h_L_norm']:.3g} · median ‖∂L/∂h_{stream['probe_layer']}‖ "
+            f"{stream['grad_norm']:.3g} · largest block growth {stream['max_growth']:.3g}× · accuracy "
+            f"{stream['accuracy']:.4f} on this batch")
+    if stream["not_meaningful"]:
+        line += " · cosines NOT meaningful: " + "; ".join(stream["not_meaningful"])
+    return line
+
+
 def parameter_table(data: dict[str, Any]) -> Table:
     """Cosine to the reference of each parameter's gradient, one row per estimator."""
     names = list(data["results"][0]["metrics"]["parameters"])
@@ -205,7 +222,8 @@ def comparison_report(data: dict[str, Any], *, per_parameter: bool) -> list[Rend
     return [*tables,
             legend(f"cos: cosine to {data['reference']}'s gradient, of all parameters or of one group",
                    "rel err: ‖ĝ−g‖/‖g‖", "norm ratio: ‖ĝ‖/‖g‖", "ms: median per gradient", "peak mem: CUDA only",
-                   "F evals: force evaluations", "n/a: not measured, or the reference gradient is zero"),
+                   "F evals: force evaluations", "n/a: not measured, or the reference gradient is zero",
+                   *(["?: not meaningful, see the note"] if data.get("meaningful") is False else [])),
             colour_legend(COSINE_COLOURS, residual_colours(data["converged_tol"]))]
 
 
@@ -218,6 +236,9 @@ def comparison_notes(data: dict[str, Any]) -> list[str]:
                          f"to match — raise T1 (--model-set T1=...) or lower eps")
         if not row["deterministic"]:
             notes.append(f"{row['label']}: repeated runs with the same seed gave different gradients")
+    if data.get("meaningful") is False:
+        notes.append("the cosines (marked ?) are not meaningful: "
+                     + "; ".join(data["residual_stream"]["not_meaningful"]))
     return notes
 
 

@@ -30,15 +30,21 @@ def register_models(register):
 
 @hookimpl
 def register_datasets(register):
-    """Each factory is called as ``factory(data_dir=..., download=..., warn=..., split=..., kind=...)``."""
-    register("fashionmnist", "ep_core.data:fashionmnist_dataset",
+    """Each factory is called as ``factory(*, data_dir, download, warn, split, kind, shape)``: ``kind`` and ``shape``
+    are what the model asks for (``DataSpec.kind`` and ``sample_shape``); real datasets return their own."""
+    from ep_core.datasets import AUTO, SAMPLE  # the names ep_core.session.load_data resolves 'auto' with
+
+    register("fashionmnist", "ep_core.datasets.fashionmnist:dataset",
              summary="Fashion-MNIST (Zalando), 1x28x28, 10 classes; local files or download, SHA-256 checked")
-    register("shakespeare", "ep_core.data:shakespeare_dataset",
+    register("cifar10", "ep_core.datasets.cifar10:dataset",
+             summary="CIFAR-10, binary version, 3x32x32, 10 classes, seed 004's normalisation; local tarball or "
+                     "download, SHA-256 checked")
+    register("shakespeare", "ep_core.datasets.shakespeare:dataset",
              summary="tiny Shakespeare (char-rnn), 1.1M characters, 65-character vocabulary; local file or "
                      "download, SHA-256 checked")
-    register("sample", "ep_core.data:sample_dataset",
-             summary="generated: shapes (bars, rings, discs, ...), 1x28x28, 10 classes, or for text models a small "
-                     "play; deterministic, offline")
-    register("auto", "ep_core.data:auto_dataset",
-             summary="the real dataset of the model's kind (Fashion-MNIST for images, tiny Shakespeare for text) if "
-                     "reachable, else the generated sample with a warning")
+    register(SAMPLE, "ep_core.datasets.sample:dataset",
+             summary="generated: shapes (bars, rings, discs, ...), 10 classes, in the model's image shape (1x28x28 "
+                     "by default), or for text models a small play; deterministic, offline")
+    register(AUTO, "ep_core.datasets.auto:dataset",
+             summary="the default: the model's own datasets in order (DataSpec.datasets), the first that is found "
+                     "or downloaded, else the generated sample with a warning")

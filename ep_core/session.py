@@ -213,13 +213,31 @@ class Data:
 
 
 def load_data(registry: Registry, data: str = "auto", *, spec: DataSpec, data_dir: str | None = None,
-              download: bool = True, warn: Callable[[str], None] | None = None, split: str = "train") -> Any:
-    """The dataset named ``data`` for a model whose data are ``spec`` ('auto' falls back to the generated 'sample'
-    of that kind with one warning); None for a model that makes its own data."""
+              download: bool = True, warn: Callable[[str], None] | None = None, split: str = "train",
+              shape: tuple[int, ...] | None = None) -> Any:
+    """The dataset named ``data`` for a model whose data are ``spec``; None for a model that makes its own data.
+
+    ``shape`` is the sample shape the model asks for (``spec.sample_shape(config)``): the generated 'sample' is
+    made in it (None: the sample's own, 1×28×28 images). 'auto' is resolved here, since only the model knows its
+    datasets: each of ``spec.datasets`` in turn through the registry, the next one when a dataset can be neither
+    found nor downloaded (DataNotFound), and at the end the registered 'sample' with ONE warning naming every
+    place searched. A corrupt or mismatching file stops with its error instead.
+    """
+    from ep_core.datasets import AUTO, SAMPLE
+    from ep_core.datasets.store import real_or_sample
+
     if spec.kind == "synthetic":
         return None
-    dataset = registry.get("dataset", data).factory(data_dir=data_dir, download=download, warn=warn, split=split,
-                                                    kind=spec.kind)
+
+    def load(name: str) -> Any:
+        return registry.get("dataset", name).factory(data_dir=data_dir, download=download, warn=warn, split=split,
+                                                     kind=spec.kind, shape=shape)
+
+    if data == AUTO:
+        dataset = real_or_sample([lambda name=name: load(name) for name in spec.datasets], lambda: load(SAMPLE),
+                                 what=spec.kind, warn=warn)
+    else:
+        dataset = load(data)
     if not isinstance(dataset, Dataset) or dataset.kind != spec.kind:
         held = dataset.kind if isinstance(dataset, Dataset) else f"a {type(dataset).__name__}"
         raise ConfigError("data", f"{data!r} holds {held}, but the model learns from {spec.kind}; choose a dataset "
@@ -284,7 +302,8 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
     check_model_settings(model_class, model_settings or {}, classes)  # before the data are loaded
     if dataset is None:
         dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download,
-                            warn=warn)
+                            warn=warn, shape=None if model_class.data.kind == "synthetic" else
+                            model_class.data.sample_shape(model_class.Config.from_mapping(model_settings or {})))
     model = build_model(registry, model_name, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
                         dataset=dataset)
     for label, cls in classes.items():

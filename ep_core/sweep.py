@@ -236,7 +236,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     dataset = None
     if len(done) < len(points):
         dataset = load_data(registry, spec.data, spec=model_class.data, data_dir=data_dir, download=download,
-                            warn=warn)
+                            warn=warn, shape=None if model_class.data.kind == "synthetic" else
+                            model_class.data.sample_shape(model_class.Config.from_mapping(spec.model_settings)))
     for index, point in enumerate(points):
         if on_point:
             on_point(index, len(points), point)

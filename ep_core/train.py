@@ -123,13 +123,16 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     exact = build_estimator(registry, reference) if reference not in (None, estimator) else None
     config = TrainConfig.from_mapping(train_settings or {}).resolved()
     check_model_settings(model_class, model_settings or {}, {estimator: rule_class})
-    dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download, warn=warn)
+    dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download, warn=warn,
+                        shape=None if model_class.data.kind == "synthetic" else
+                        model_class.data.sample_shape(model_class.Config.from_mapping(model_settings or {})))
     held_out = None
     if dataset is not None:
         # The dataset actually used, so that 'auto' neither warns twice nor mixes real and generated data.
         name = dataset.name if dataset.name in registry.entries["dataset"] else data
         held_out = load_data(registry, name, spec=model_class.data, data_dir=data_dir, download=download, warn=warn,
-                             split="test")
+                             split="test", shape=model_class.data.sample_shape(
+                                 model_class.Config.from_mapping(model_settings or {})))
     network = build_model(registry, model, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
                           dataset=dataset)
     if not any(p.requires_grad for p in network.parameters()):

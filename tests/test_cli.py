@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from epx_cli import main as cli_main
 
-import ep_core.data
+import ep_core.datasets.fashionmnist
 
 SMALL_CET = ["--model-set", "dim=16", "--model-set", "heads=2", "--model-set", "head_dim=8",
              "--model-set", "memories=16", "--model-set", "T1=60", "--batch-size", "4", "--repeats", "1"]
@@ -73,13 +73,13 @@ def test_auto_falls_back_to_sample_with_one_warning(epx, monkeypatch, tmp_path):
     monkeypatch.delenv("EPX_DATA_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(ep_core.data, "fashion_mnist_search_path",
+    monkeypatch.setattr(ep_core.datasets.fashionmnist, "fashion_mnist_search_path",
                         lambda data_dir=None: [tmp_path / "nowhere"])
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(ep_core.data, "download_fashion_mnist", offline)
+    monkeypatch.setattr(ep_core.datasets.fashionmnist, "download_fashion_mnist", offline)
     result = epx("compare", "aep", "--model", "cet", "--json", *SMALL_CET)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["data"]["name"] == "sample"

@@ -1,4 +1,5 @@
-"""Tests for ep_core.data: IDX parsing, the Fashion-MNIST search path, downloads, fallback, the sample set."""
+"""Tests for ep_core.datasets: the store (search path, downloads, not found, the auto fallback through
+ep_core.session.load_data), IDX parsing, Fashion-MNIST, the generated sample images, and registration."""
 
 from __future__ import annotations
 
@@ -18,18 +19,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ep_core import data
-from ep_core.data import (
-    ChecksumError,
-    DataNotFound,
-    ImageDataset,
-    fashion_mnist_search_path,
-    find_fashion_mnist,
-    load_fashion_mnist,
-    make_sample,
-    read_idx,
-    resolve_images,
-)
+from ep_core.datasets import fashionmnist, store
+from ep_core.datasets.fashionmnist import fashion_mnist_search_path, find_fashion_mnist, load_fashion_mnist
+from ep_core.datasets.images import ImageDataset, make_sample, read_idx, sample_images
+from ep_core.datasets.store import DataNotFound
+from ep_core.errors import ChecksumError, ConfigError, UnknownNameError
+from ep_core.plugins import load
+from ep_core.protocols import DataSpec
+from ep_core.session import load_data
 
 # ------------------------------------------------------------------------------------------------------------
 # Real data (../shared/data next to the project, or $EPX_DATA_DIR)
@@ -105,7 +102,7 @@ def test_real_files_checked_uncompressed_and_corrupt(isolated, tmp_path):
     d = tmp_path / "mine"
     d.mkdir()
     # Uncompressed copies verify against the content hashes.
-    for name in data.FASHION_MNIST_FILES["test"]:
+    for name in fashionmnist.FASHION_MNIST_FILES["test"]:
         (d / name.removesuffix(".gz")).write_bytes(gzip.decompress((REAL_DIR / name).read_bytes()))
     ds = load_fashion_mnist("test", data_dir=d, download=False)
     assert ds.source == str(d / "t10k-images-idx3-ubyte")
@@ -146,7 +143,7 @@ def write_idx(path: Path, arr: np.ndarray, *, gz: bool | None = None) -> Path:
 
 def write_fake_split(directory: Path, *, fill: int, split: str = "train", n: int = 20, gz: bool = True):
     """A tiny split whose every pixel equals ``fill``, so a test can tell which copy was loaded."""
-    img_name, lab_name = data.FASHION_MNIST_FILES[split]
+    img_name, lab_name = fashionmnist.FASHION_MNIST_FILES[split]
     if not gz:
         img_name, lab_name = img_name.removesuffix(".gz"), lab_name.removesuffix(".gz")
     write_idx(directory / img_name, np.full((n, 28, 28), fill, dtype=np.uint8), gz=gz)
@@ -159,11 +156,11 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("EPX_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
+    monkeypatch.setattr(fashionmnist, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
     return tmp_path
 
 
-_real_fetch = data._fetch  # captured at import, before the autouse fixture below replaces it
+_real_fetch = store.fetch  # captured at import, before the autouse fixture below replaces it
 
 
 @pytest.fixture(autouse=True)
@@ -173,7 +170,7 @@ def no_network(monkeypatch):
     def fail(url, *a, **k):
         raise RuntimeError(f"unexpected network access in tests: {url}")
 
-    monkeypatch.setattr(data, "_fetch", fail)
+    monkeypatch.setattr(store, "fetch", fail)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -334,50 +331,93 @@ def test_not_found_message_lists_places_and_fixes(isolated, monkeypatch):
     assert "\n" not in err.summary
 
 
-def _one_warning_fallback(**kw):
+#: A model's data as ep_core.session.load_data sees them: images, auto tries Fashion-MNIST.
+IMAGES = DataSpec(kind="images", shape=lambda config: (1, 28, 28), datasets=("fashionmnist",))
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load(entry_points=False)
+
+
+def _one_warning_fallback(registry, spec=IMAGES, **kw):
     seen: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing may go to warnings.warn when warn= is given
-        ds = resolve_images("auto", warn=seen.append, **kw)
+        ds = load_data(registry, "auto", spec=spec, warn=seen.append, **kw)
     return ds, seen
 
 
-def test_auto_falls_back_with_one_warning(isolated):
-    ds, seen = _one_warning_fallback(download=False)
+def test_auto_falls_back_with_one_warning(isolated, registry):
+    ds, seen = _one_warning_fallback(registry, download=False)
     assert ds.name == "sample" and ds.source == "generated"
     assert torch.equal(ds.images, make_sample().images)
     assert len(seen) == 1
     msg = seen[0]
-    assert "\n" not in msg and msg.startswith("warning:")
-    assert "sample" in msg and "EPX_DATA_DIR" in msg and "--data-dir" in msg
+    assert "\n" not in msg and msg.startswith("warning: Fashion-MNIST not found")
+    assert "'sample' images instead" in msg and "EPX_DATA_DIR" in msg and "--data-dir" in msg
     assert str(isolated / "system") in msg
 
 
-def test_auto_default_warn_is_warnings_warn(isolated):
+def test_auto_default_warn_is_warnings_warn(isolated, registry):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = resolve_images("auto", download=False)
+        ds = load_data(registry, "auto", spec=IMAGES, download=False)
     assert ds.name == "sample"
     assert len(caught) == 1 and "sample" in str(caught[0].message)
 
 
-def test_auto_falls_back_when_download_fails(isolated, monkeypatch):
+def test_auto_tries_the_models_datasets_in_order(isolated, registry, real_data_dir):
+    both = DataSpec(kind="images", shape=lambda config: (3, 32, 32), datasets=("cifar10", "fashionmnist"))
+    # The first is missing, so the second is used, without a warning: it is one of the model's own datasets.
+    ds = load_data(registry, "auto", spec=both, data_dir=str(real_data_dir), download=False, warn=pytest.fail,
+                   split="test")
+    assert ds.name == "fashionmnist" and len(ds) == 10000
+    # Neither: one line that names both and every place searched, then the sample in the model's shape.
+    ds, seen = _one_warning_fallback(registry, spec=both, download=False, shape=(3, 32, 32))
+    assert ds.name == "sample" and ds.images.shape == (2048, 3, 32, 32)
+    [msg] = seen
+    assert msg.startswith("warning: CIFAR-10 not found") and "; Fashion-MNIST not found" in msg
+    assert msg.count(str(isolated / "xdg" / "epx")) == 2 and str(isolated / "system") in msg
+    # A corrupt file of the first is an error, not a reason to try the next.
+    (isolated / "mine" / "cifar-10").mkdir(parents=True)
+    (isolated / "mine" / "cifar-10" / "cifar-10-binary.tar.gz").write_bytes(b"not an archive")
+    with pytest.raises(ChecksumError, match="cifar-10-binary.tar.gz"):
+        load_data(registry, "auto", spec=both, data_dir=str(isolated / "mine"), download=False, warn=pytest.fail)
+
+
+def test_auto_without_datasets_still_warns(registry):
+    bare = DataSpec(kind="images", shape=lambda config: (1, 8, 8))
+    ds, seen = _one_warning_fallback(registry, spec=bare, download=False, shape=(1, 8, 8))
+    assert ds.images.shape == (2048, 1, 8, 8)
+    assert len(seen) == 1 and seen[0].startswith("warning: no real dataset to try; using the generated 'sample'")
+
+
+def test_a_dataset_of_another_kind_is_a_usage_error(registry, real_data_dir):
+    text = DataSpec(kind="text", shape=lambda config: (16,), datasets=("shakespeare",))
+    with pytest.raises(ConfigError, match="'fashionmnist' holds images, but the model learns from text"):
+        load_data(registry, "fashionmnist", spec=text, data_dir=str(real_data_dir), download=False)
+    synthetic = DataSpec(kind="synthetic")
+    assert load_data(registry, "fashionmnist", spec=synthetic) is None
+
+
+def test_auto_falls_back_when_download_fails(isolated, monkeypatch, registry):
     calls: list[str] = []
 
     def offline(url, dest, **kw):
         calls.append(url)
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data, "_fetch", offline)
-    monkeypatch.setattr(data, "_mirrors", lambda: ["http://mirror-a.invalid/", "http://mirror-b.invalid/"])
-    ds, seen = _one_warning_fallback(download=True)
+    monkeypatch.setattr(store, "fetch", offline)
+    monkeypatch.setattr(fashionmnist, "_mirrors", lambda: ["http://mirror-a.invalid/", "http://mirror-b.invalid/"])
+    ds, seen = _one_warning_fallback(registry, download=True)
     assert ds.name == "sample"
     assert calls == ["http://mirror-a.invalid/train-images-idx3-ubyte.gz",
                      "http://mirror-b.invalid/train-images-idx3-ubyte.gz"]
     assert len(seen) == 1 and "network is unreachable" in seen[0] and "\n" not in seen[0]
     # Asked for by name, the same failure is an error.
     with pytest.raises(DataNotFound, match="network is unreachable"):
-        resolve_images("fashionmnist", download=True)
+        load_data(registry, "fashionmnist", spec=IMAGES, download=True)
 
 
 def test_download_gives_up_after_timeout(isolated, monkeypatch):
@@ -388,20 +428,20 @@ def test_download_gives_up_after_timeout(isolated, monkeypatch):
         time.sleep(0.15)
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(data, "_fetch", slow_failure)
-    monkeypatch.setattr(data, "_mirrors", lambda: [f"http://m{i}.invalid/" for i in range(5)])
+    monkeypatch.setattr(store, "fetch", slow_failure)
+    monkeypatch.setattr(fashionmnist, "_mirrors", lambda: [f"http://m{i}.invalid/" for i in range(5)])
     start = time.monotonic()
-    with pytest.raises(data.DownloadError, match="gave up"):
-        data.download_fashion_mnist(timeout=0.2)
+    with pytest.raises(store.DownloadError, match="gave up"):
+        fashionmnist.download_fashion_mnist(timeout=0.2)
     assert len(calls) == 2 and time.monotonic() - start < 1.0
 
 
 def test_resolve_host_is_bounded_by_timeout(monkeypatch):
-    monkeypatch.setattr(data.urllib.request, "getproxies", dict)
-    monkeypatch.setattr(data.socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
+    monkeypatch.setattr(store.urllib.request, "getproxies", dict)
+    monkeypatch.setattr(store.socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
     start = time.monotonic()
     with pytest.raises(TimeoutError):
-        data._resolve_host("http://dns-hangs.invalid/x", 0.2)
+        store._resolve_host("http://dns-hangs.invalid/x", 0.2)
     assert time.monotonic() - start < 1.0
 
 
@@ -424,30 +464,30 @@ def test_fetch_verifies_and_writes_atomically(tmp_path):
 
 @needs_real
 def test_download_into_cache_then_found_there(isolated, monkeypatch):
-    monkeypatch.setattr(data, "_fetch", _real_fetch)
+    monkeypatch.setattr(store, "fetch", _real_fetch)
     bad = isolated / "bad-mirror"
     write_fake_split(bad, fill=0, split="test")  # right names, wrong bytes: must be rejected and skipped
     mirrors = [bad.as_uri() + "/", REAL_DIR.as_uri() + "/"]
-    monkeypatch.setattr(data, "_mirrors", lambda: mirrors)
+    monkeypatch.setattr(fashionmnist, "_mirrors", lambda: mirrors)
     ds = load_fashion_mnist("test", download=True)
     assert ds.source == mirrors[1] + "t10k-images-idx3-ubyte.gz"
     cache = isolated / "xdg" / "epx" / "fashion-mnist"
-    assert sorted(p.name for p in cache.iterdir()) == list(data.FASHION_MNIST_FILES["test"])
+    assert sorted(p.name for p in cache.iterdir()) == list(fashionmnist.FASHION_MNIST_FILES["test"])
     assert abs(ds.images.double().mean().item() - TEST_PIXEL_MEAN) < 1e-3
     # Next time the cache is a search root; nothing is downloaded.
-    monkeypatch.setattr(data, "_mirrors", list)
+    monkeypatch.setattr(fashionmnist, "_mirrors", list)
     again = load_fashion_mnist("test", download=True)
     assert again.source == str(cache / "t10k-images-idx3-ubyte.gz")
 
 
-def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="auto, fashionmnist, sample"):
-        resolve_images("cifar11")
+def test_unknown_name_suggests_and_lists_valid_names(registry):
+    with pytest.raises(UnknownNameError, match="did you mean 'cifar10'.*auto, cifar10, fashionmnist, sample"):
+        load_data(registry, "cifar11", spec=IMAGES)
 
 
-def test_fashionmnist_by_name_raises_not_found(isolated):
+def test_fashionmnist_by_name_raises_not_found(isolated, registry):
     with pytest.raises(DataNotFound):
-        resolve_images("fashionmnist", download=False)
+        load_data(registry, "fashionmnist", spec=IMAGES, download=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -509,10 +549,43 @@ def test_sample_rejects_empty():
         make_sample(0)
 
 
-def test_sample_test_split_differs(isolated):
-    train = resolve_images("sample")
-    test = resolve_images("sample", split="test")
+def test_sample_test_split_differs():
+    train = sample_images("train")
+    test = sample_images("test")
     assert not torch.equal(train.images, test.images)
+    with pytest.raises(ValueError, match="valid: train, test"):
+        sample_images("val")
+
+
+def test_sample_in_the_default_shape_is_the_one_results_were_measured_on(sample):
+    # SHA-256 of make_sample()'s pixels and labels as they were before the sample took a shape: cet's results
+    # (docs/results, seeds 000-003) were measured on exactly these images.
+    assert hashlib.sha256(sample.images.numpy().tobytes()).hexdigest() == (
+        "0fa51109d66880cce0c1fb398dec1d107cd099d49ee605b64f8ef1cb0b82b482")
+    assert hashlib.sha256(sample.labels.numpy().tobytes()).hexdigest() == (
+        "f1596e468e7522a0ef22459b14033081fc40de3d5ac8a889ff6b84f602bfafbc")
+    assert torch.equal(make_sample(shape=(1, 28, 28)).images, sample.images)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 8, 12), (2, 28, 28)])
+def test_sample_in_any_shape_keeps_its_classes(shape):
+    ds = make_sample(200, shape=shape)
+    assert ds.images.shape == (200, *shape) and ds.images.dtype == torch.uint8
+    assert torch.bincount(ds.labels).tolist() == [20] * 10
+    # The same layout on another grid: the class means stay apart (pixels in [0, 1], scaled to a 28×28 image).
+    x = ds.images.float().mean(1).numpy().reshape(200, -1) / 255
+    y = ds.labels.numpy()
+    means = np.stack([x[y == c].mean(0) for c in range(10)]) * np.sqrt(784 / x.shape[1])
+    dist = _pairwise(means, means) + np.eye(10) * 1e9
+    assert dist.min() > 1.0
+    if shape[0] > 1:  # a tint per sample and channel: the channels differ
+        assert not torch.equal(ds.images[:, 0], ds.images[:, 1])
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (0, 28, 28), (1, 28, -1), (1.0, 28, 28), (True, 28, 28), "1x28x28"])
+def test_sample_rejects_bad_shapes(shape):
+    with pytest.raises(ValueError, match="channels, height, width"):
+        make_sample(8, shape=shape)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -575,22 +648,21 @@ def test_describe_is_json(sample):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_builtin_datasets_are_registered_by_reference_with_summaries(isolated):
-    from ep_core.plugins import load
-
-    registry = load(entry_points=False)
-    assert set(registry.names("dataset")) == {"fashionmnist", "sample", "auto", "shakespeare"}
+def test_builtin_datasets_are_registered_by_reference_with_summaries(isolated, registry):
+    assert set(registry.names("dataset")) == {"fashionmnist", "cifar10", "sample", "auto", "shakespeare"}
     registered = {}
     for name in registry.names("dataset"):
         entry = registry.get("dataset", name)
-        assert entry.target == f"ep_core.data:{name}_dataset" and entry.summary
+        assert entry.target == f"ep_core.datasets.{name}:dataset" and entry.summary
         kind = "text" if name == "shakespeare" else "images"
         assert entry.factory.__kwdefaults__ == {"data_dir": None, "download": True, "warn": None, "split": "train",
-                                                "kind": kind}
+                                                "kind": kind, "shape": None}
         registered[name] = entry.factory
     assert registered["sample"]().source == "generated"
-    seen: list[str] = []
-    assert registered["auto"](download=False, warn=seen.append).name == "sample" and len(seen) == 1
+    assert registered["sample"](shape=(3, 32, 32), split="test").images.shape == (2048, 3, 32, 32)
+    # auto is listed, but only load_data, which has the model's DataSpec, can resolve it.
+    with pytest.raises(ConfigError, match="'auto' is not a dataset.*load_data.*DataSpec.datasets"):
+        registered["auto"](download=False)
     with pytest.raises(DataNotFound):
         registered["fashionmnist"](download=False)
 
@@ -606,4 +678,4 @@ def test_a_truncated_published_file_is_a_checksum_error_naming_file_and_expected
         load_fashion_mnist("test", data_dir=tmp_path, download=False)
     message = str(caught.value)
     assert str(images) in message and "truncated" in message
-    assert data.FASHION_MNIST_SHA256["t10k-images-idx3-ubyte.gz"] in message
+    assert fashionmnist.FASHION_MNIST_SHA256["t10k-images-idx3-ubyte.gz"] in message

@@ -13,7 +13,7 @@ from ep_core.models.lm import LM, LMConfig
 from ep_core.plugins import load
 from ep_core.relax import free_phase
 from ep_core.session import build_batch, build_estimator, build_model, load_data, run_comparison
-from ep_core.text import make_text_sample
+from ep_core.datasets.text import make_text_sample
 
 TINY = {"context": 12, "width": 16, "heads": 2, "vocab": 11}
 

@@ -1,5 +1,5 @@
-"""Tests for ep_core.text: tiny Shakespeare (search, checksum, download, token cache), the generated sample
-play, batches, and the text side of dataset registration."""
+"""Tests for ep_core.datasets.text and .shakespeare: tiny Shakespeare (search, checksum, download, token cache),
+the generated sample play, batches, and the text side of dataset registration and of auto."""
 
 from __future__ import annotations
 
@@ -17,17 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from ep_core import data, text
-from ep_core.data import ChecksumError, DataNotFound, ImageDataset
+from ep_core.datasets import fashionmnist, shakespeare, store, text
+from ep_core.datasets.images import ImageDataset
+from ep_core.datasets.shakespeare import SHAKESPEARE_SHA256, SHAKESPEARE_SIZE, load_shakespeare
+from ep_core.datasets.store import DataNotFound
+from ep_core.datasets.text import TextDataset, make_text_sample
+from ep_core.errors import ChecksumError, ConfigError
 from ep_core.plugins import load
-from ep_core.text import (
-    SHAKESPEARE_SHA256,
-    SHAKESPEARE_SIZE,
-    TextDataset,
-    load_shakespeare,
-    make_text_sample,
-    resolve_text,
-)
+from ep_core.protocols import DataSpec
+from ep_core.session import load_data
 
 # ------------------------------------------------------------------------------------------------------------
 # Real data and an isolated environment
@@ -72,7 +70,7 @@ def isolated(tmp_path, monkeypatch):
     def fail(url, *a, **k):
         raise RuntimeError(f"unexpected network access in tests: {url}")
 
-    monkeypatch.setattr(text, "_fetch", fail)
+    monkeypatch.setattr(store, "fetch", fail)
     return tmp_path
 
 
@@ -81,7 +79,14 @@ def no_env(monkeypatch):
     monkeypatch.delenv("EPX_DATA_DIR", raising=False)
 
 
-_real_fetch = data._fetch
+_real_fetch = store.fetch
+
+#: A text model's data as ep_core.session.load_data sees them: auto tries tiny Shakespeare.
+TEXT = DataSpec(kind="text", shape=lambda config: (64,), datasets=("shakespeare",))
+
+
+def _auto(**kw):
+    return load_data(load(entry_points=False), "auto", spec=TEXT, **kw)
 
 
 def _cache(tmp_path: Path) -> Path:
@@ -118,7 +123,7 @@ def test_real_shakespeare_sizes_vocab_and_splits(raw_text):
 @needs_real
 def test_found_through_epx_data_dir(monkeypatch):
     monkeypatch.setenv("EPX_DATA_DIR", str(REAL_ROOT))
-    ds = resolve_text("shakespeare", download=False)
+    ds = shakespeare.dataset(download=False)
     assert ds.source == str(REAL_FILE) and len(ds) == N_TRAIN
 
 
@@ -324,7 +329,7 @@ def test_corrupt_copies_raise_checksum_error(isolated, raw_text):
     assert str(path) in msg and SHAKESPEARE_SHA256 in msg and "truncated" not in msg
     # A corrupt file is an error even for "auto", never a reason to fall back to the sample.
     with pytest.raises(ChecksumError):
-        resolve_text("auto", data_dir=root, download=False, warn=pytest.fail)
+        _auto(data_dir=root, download=False, warn=pytest.fail)
     assert not _cache(isolated).exists()
 
 
@@ -352,8 +357,6 @@ def test_unknown_split_and_name(no_env):
         load_shakespeare("validation", download=False)
     with pytest.raises(ValueError, match="train, val, test"):
         make_text_sample("dev")
-    with pytest.raises(ValueError, match="auto, sample, shakespeare"):
-        resolve_text("fashionmnist")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -363,27 +366,27 @@ def test_unknown_split_and_name(no_env):
 
 @needs_real
 def test_download_from_file_url_into_cache(isolated, no_env, monkeypatch):
-    monkeypatch.setattr(text, "_fetch", _real_fetch)
+    monkeypatch.setattr(store, "fetch", _real_fetch)
     bad = isolated / "bad-mirror" / "input.txt"
     bad.parent.mkdir()
     bad.write_bytes(REAL_FILE.read_bytes()[:-1])  # one byte short: rejected by the checksum
     urls = (bad.as_uri(), REAL_FILE.as_uri())
-    monkeypatch.setattr(text, "SHAKESPEARE_URLS", urls)
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_URLS", urls)
     ds = load_shakespeare("val", download=True)
     assert ds.source == urls[1] and len(ds) == N_VAL
     target = isolated / "xdg" / "epx" / "tinyshakespeare"
     assert [p.name for p in target.iterdir()] == ["input.txt"]
     assert hashlib.sha256((target / "input.txt").read_bytes()).hexdigest() == SHAKESPEARE_SHA256
     # Next time the cached copy is found; nothing is downloaded.
-    monkeypatch.setattr(text, "SHAKESPEARE_URLS", ())
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_URLS", ())
     assert load_shakespeare(download=True).source == str(target / "input.txt")
 
 
 def test_failed_download_leaves_nothing_and_names_the_cause(isolated, no_env, monkeypatch):
-    monkeypatch.setattr(text, "_fetch", _real_fetch)
+    monkeypatch.setattr(store, "fetch", _real_fetch)
     wrong = isolated / "wrong.txt"
     wrong.write_text("To be, or not to be: that is the question.\n")
-    monkeypatch.setattr(text, "SHAKESPEARE_URLS", (wrong.as_uri(), (isolated / "missing.txt").as_uri()))
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_URLS", (wrong.as_uri(), (isolated / "missing.txt").as_uri()))
     with pytest.raises(DataNotFound) as info:
         load_shakespeare(download=True)
     assert "SHA-256 mismatch" in str(info.value) and "missing.txt" in str(info.value)
@@ -400,7 +403,7 @@ def test_auto_falls_back_with_one_warning(isolated, no_env):
     seen: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing may go to warnings.warn when warn= is given
-        ds = resolve_text("auto", download=False, warn=seen.append, split="test")
+        ds = _auto(download=False, warn=seen.append, split="test")
     assert ds.name == "sample" and ds.source == "generated" and ds.split == "val"
     assert np.array_equal(ds.tokens, make_text_sample("val").tokens)
     assert len(seen) == 1
@@ -413,7 +416,7 @@ def test_auto_falls_back_with_one_warning(isolated, no_env):
 def test_auto_default_warn_is_warnings_warn(no_env):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = resolve_text("auto", download=False)
+        ds = _auto(download=False)
     assert ds.name == "sample"
     assert len(caught) == 1 and "sample" in str(caught[0].message)
 
@@ -421,7 +424,7 @@ def test_auto_default_warn_is_warnings_warn(no_env):
 @needs_real
 def test_auto_prefers_shakespeare(monkeypatch):
     monkeypatch.setenv("EPX_DATA_DIR", str(REAL_ROOT))
-    assert resolve_text(download=False, warn=pytest.fail).name == "shakespeare"
+    assert _auto(download=False, warn=pytest.fail).name == "shakespeare"
 
 
 def test_sample_is_deterministic_split_and_structured():
@@ -485,24 +488,23 @@ def test_dataset_validates_its_fields():
 
 
 def test_registered_factories_dispatch_on_kind(isolated, no_env, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (isolated / "system",))
+    monkeypatch.setattr(fashionmnist, "SYSTEM_DATA_DIRS", (isolated / "system",))
     registry = load(entry_points=False)
     registered = {name: registry.get("dataset", name).factory for name in registry.names("dataset")}
-    assert set(registered) == set(data.DATASET_NAMES)
     assert ImageDataset.kind == "images" and TextDataset.kind == "text"
     assert isinstance(registered["sample"](), ImageDataset)
-    sample_text = registered["sample"](kind="text", split="val")
+    sample_text = registered["sample"](kind="text", split="val", shape=(64,))
     assert isinstance(sample_text, TextDataset) and sample_text.split == "val"
+    assert np.array_equal(sample_text.tokens, make_text_sample("val").tokens)
     seen: list[str] = []
-    auto_text = registered["auto"](kind="text", download=False, warn=seen.append)
+    auto_text = _auto(download=False, warn=seen.append)
     assert auto_text.name == "sample" and auto_text.kind == "text" and len(seen) == 1
     with pytest.raises(DataNotFound, match="tiny Shakespeare"):
         registered["shakespeare"](kind="images", download=False)
     with pytest.raises(DataNotFound, match="Fashion-MNIST"):
         registered["fashionmnist"](kind="text", download=False)
-    for name in ("sample", "auto"):
-        with pytest.raises(ValueError, match="unknown data kind 'audio'; valid kinds: images, text"):
-            registered[name](kind="audio", download=False)
+    with pytest.raises(ConfigError, match="unknown data kind 'audio'; valid kinds: images, text"):
+        registered["sample"](kind="audio", download=False)
 
 
 @needs_real

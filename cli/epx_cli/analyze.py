@@ -59,7 +59,8 @@ class Setup:
 
         if self.dataset is None and self.model_class.data.kind != "synthetic":
             self.dataset = load_data(self.registry, self.data, spec=self.model_class.data,
-                                     data_dir=self.data_dir, download=self.download, warn=warn)
+                                     data_dir=self.data_dir, download=self.download, warn=warn,
+                                     shape=self.model_class.data.sample_shape(self.config))
         model = build_model(self.registry, self.model_name, {**self.settings, **(overrides or {})},
                             seed=self.seed, dtype=DTYPES[self.dtype], device=self.device, dataset=self.dataset)
         if not isinstance(model, EquilibriumModel):

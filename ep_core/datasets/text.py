@@ -1,20 +1,5 @@
-"""Character-level text datasets for epx: tiny Shakespeare from a local file or the network, and a generated
-``sample`` play.
-
-Where tiny Shakespeare is looked for
-------------------------------------
-The roots are those of :func:`ep_core.data.search_path`, in order: the ``data_dir`` argument (the CLI's
-``--data-dir``), ``$EPX_DATA_DIR``, then the user cache (``$XDG_CACHE_HOME/epx`` or ``~/.cache/epx``). No
-system directory is searched: no distribution packages the file. Inside each root the first of these wins:
-``tinyshakespeare/input.txt`` (ours, and where downloads land), ``shakespeare_char/input.txt`` (nanoGPT's
-layout), ``shakespeare/input.txt``, ``tinyshakespeare.txt``. A bare ``input.txt`` is not accepted: the name is
-too generic to mean this text.
-
-The file found is checked against the published SHA-256 on every load (1 MB: about 2 ms). A mismatch raises
-:class:`~ep_core.data.ChecksumError` and never falls back to the sample: the user pointed at this file, so
-training on something else would hide the problem. If no root holds the file and downloading is allowed, it is
-fetched from :data:`SHAKESPEARE_URLS` into ``<user cache>/tinyshakespeare/input.txt``, verified, and moved into
-place atomically; that path is a search location, so the next run finds it there.
+"""Character-level text data: the :class:`TextDataset` every text dataset returns, the cache of token ids, and
+the generated ``sample`` play.
 
 Tokens and their cache
 ----------------------
@@ -27,11 +12,11 @@ cannot be written (read-only home) just means in-memory tokens. Nothing is ever 
 
 Splits
 ------
-The first 90% of the tokens are "train", the rest "val", as in nanoGPT. Tiny Shakespeare has no separate test
-split, so "test" is accepted as another name for "val".
+The first 90% of the tokens are "train", the rest "val", as in nanoGPT. A text without a separate test split
+accepts "test" as another name for "val".
 
-``auto`` tries tiny Shakespeare (download included, if allowed) and, when it is unreachable, warns once and
-falls back to :func:`make_text_sample`, a generated play that needs no files or network.
+The generated play (:func:`make_text_sample`) needs no files or network; it is what ``auto`` falls back to for a
+text model when none of the model's real texts can be had.
 """
 
 from __future__ import annotations
@@ -39,8 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,52 +32,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ep_core.data import (
-    ChecksumError,
-    DataNotFound,
-    DownloadError,
-    _fetch,
-    _one_line,
-    real_or_sample,
-    search_path,
-    user_cache_dir,
-)
+from ep_core.datasets.store import user_cache_dir
 from ep_core.files import write_atomic
 
-__all__ = [
-    "SHAKESPEARE_SHA256",
-    "SHAKESPEARE_SIZE",
-    "SHAKESPEARE_URLS",
-    "TEXT_DATASET_NAMES",
-    "TextDataset",
-    "load_shakespeare",
-    "make_text_sample",
-    "resolve_text",
-]
-
-# ------------------------------------------------------------------------------------------------------------
-# Constants
-# ------------------------------------------------------------------------------------------------------------
-
-#: SHA-256 and byte size of karpathy/char-rnn's data/tinyshakespeare/input.txt (the file nanoGPT also uses).
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SHAKESPEARE_SIZE = 1_115_394
-
-#: Where tiny Shakespeare is downloaded from, tried in order. A module attribute so tests can point it at a
-#: file:// URL.
-SHAKESPEARE_URLS: tuple[str, ...] = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-)
-
-#: Paths inside a search root that may hold the file, first match wins. The first is where downloads go.
-_SHAKESPEARE_LAYOUTS: tuple[str, ...] = (
-    "tinyshakespeare/input.txt",
-    "shakespeare_char/input.txt",
-    "shakespeare/input.txt",
-    "tinyshakespeare.txt",
-)
-
-TEXT_DATASET_NAMES: tuple[str, ...] = ("auto", "sample", "shakespeare")
+__all__ = ["TextDataset", "cached_tokens", "make_text_sample", "split_dataset", "text_split"]
 
 # Requested split -> stored split. "test" maps to "val": tiny Shakespeare has no third part.
 _SPLITS = {"train": "train", "val": "val", "test": "val"}
@@ -229,7 +171,8 @@ class TextDataset:
         }
 
 
-def _split_name(split: object) -> str:
+def text_split(split: object) -> str:
+    """The stored split ("train" or "val") a requested ``split`` names."""
     if not isinstance(split, str) or split not in _SPLITS:
         raise ValueError(f"unknown text split {split!r}; valid: train, val, test (tiny Shakespeare has no "
                          "separate test split, so test is the same as val)")
@@ -240,7 +183,7 @@ def _train_size(n: int) -> int:
     return int(n * 0.9)  # nanoGPT's rule, so numbers compare with its char-level runs
 
 
-def _dataset(name: str, source: str, split: str, chars: str, tokens: np.ndarray, sha: str) -> TextDataset:
+def split_dataset(name: str, source: str, split: str, chars: str, tokens: np.ndarray, sha: str) -> TextDataset:
     """The ``split`` part of a whole text's ``tokens``."""
     boundary = _train_size(len(tokens))
     part = tokens[:boundary] if split == "train" else tokens[boundary:]
@@ -298,7 +241,7 @@ def _load_cached(directory: Path, sha: str) -> tuple[str, np.ndarray] | None:
     return chars, tokens
 
 
-def _cached_tokens(raw: bytes, sha: str) -> tuple[str, np.ndarray]:
+def cached_tokens(raw: bytes, sha: str) -> tuple[str, np.ndarray]:
     """(vocabulary, ids) of the UTF-8 text ``raw`` whose SHA-256 is ``sha``, through the cache."""
     directory = _cache_dir(sha)
     cached = _load_cached(directory, sha)
@@ -319,109 +262,6 @@ def _cached_tokens(raw: bytes, sha: str) -> tuple[str, np.ndarray]:
     except OSError:
         return chars, tokens  # cache not writable: the in-memory ids serve the same, only rebuilt next time
     return chars, np.memmap(directory / "tokens.u16", dtype="<u2", mode="r")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Tiny Shakespeare
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _find_shakespeare(data_dir: str | Path | None) -> Path | None:
-    for root in search_path(data_dir):
-        for layout in _SHAKESPEARE_LAYOUTS:
-            path = root / layout
-            if path.is_file():
-                return path
-    return None
-
-
-def _download_shakespeare(timeout: float) -> tuple[Path, str]:
-    """Fetch the file into the user cache; (path, URL it came from). Raises DownloadError.
-
-    An existing file at the destination is not checked for here: the cache is a search root and
-    ``tinyshakespeare/input.txt`` a layout, so a file there would have been found before we got here.
-    """
-    dest = user_cache_dir() / _SHAKESPEARE_LAYOUTS[0]
-    attempts: list[str] = []
-    # As for Fashion-MNIST: ``timeout`` bounds each socket operation and the time spent on failing mirrors.
-    deadline = time.monotonic() + timeout
-    for url in SHAKESPEARE_URLS:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            attempts.append(f"gave up after {timeout:.1f} s")
-            break
-        try:
-            _fetch(url, dest, sha256=SHAKESPEARE_SHA256, max_bytes=SHAKESPEARE_SIZE,
-                   timeout=min(timeout, remaining))
-            return dest, url
-        except (OSError, ChecksumError) as e:  # URLError and socket timeouts are OSErrors
-            attempts.append(f"{url}: {_one_line(str(e)) or type(e).__name__}")
-    raise DownloadError(attempts)
-
-
-def _not_found(searched: Sequence[Path], download: str) -> DataNotFound:
-    cache = user_cache_dir() / _SHAKESPEARE_LAYOUTS[0]
-    return DataNotFound(
-        "tiny Shakespeare",
-        ("input.txt",),
-        searched,
-        download,
-        layouts=_SHAKESPEARE_LAYOUTS,
-        fixes=(
-            f"copy karpathy/char-rnn's data/tinyshakespeare/input.txt ({SHAKESPEARE_SIZE} bytes) to "
-            "<root>/tinyshakespeare/input.txt under one of the roots above",
-            f"go online and allow downloading; the file is cached as {cache}",
-        ),
-    )
-
-
-def _verify(path: Path, raw: bytes) -> None:
-    got = hashlib.sha256(raw).hexdigest()
-    if got == SHAKESPEARE_SHA256:
-        return
-    size = len(raw)
-    if size < SHAKESPEARE_SIZE:
-        size_note = f"{size} bytes instead of {SHAKESPEARE_SIZE}: truncated"
-    elif size > SHAKESPEARE_SIZE:
-        size_note = f"{size} bytes instead of {SHAKESPEARE_SIZE}: longer than the published file"
-    else:
-        size_note = f"{size} bytes as expected, so the content differs"
-    raise ChecksumError(
-        f"{path}: not tiny Shakespeare: SHA-256 {got}, expected {SHAKESPEARE_SHA256} ({size_note}). Delete or "
-        "replace the file (a download puts a verified copy in the user cache), or point EPX_DATA_DIR / "
-        "--data-dir elsewhere."
-    )
-
-
-def load_shakespeare(
-    split: str = "train",
-    *,
-    data_dir: str | Path | None = None,
-    download: bool = True,
-    timeout: float = 15.0,
-) -> TextDataset:
-    """Tiny Shakespeare's ``split``: "train" (first 90%, 1,003,854 characters) or "val" (the last 111,540);
-    "test" means "val". Vocabulary: the 65 characters of the whole text.
-
-    Searches the roots and layouts of the module docstring, then downloads into the user cache if
-    ``download``. Raises DataNotFound when neither works, ChecksumError when the file found is not the
-    published one.
-    """
-    split = _split_name(split)
-    path = _find_shakespeare(data_dir)
-    source: str | None = None
-    if path is None:
-        searched = search_path(data_dir)
-        if not download:
-            raise _not_found(searched, "disabled")
-        try:
-            path, source = _download_shakespeare(timeout)
-        except DownloadError as e:
-            raise _not_found(searched, f"failed: {e}") from e
-    raw = path.read_bytes()
-    _verify(path, raw)
-    chars, tokens = _cached_tokens(raw, SHAKESPEARE_SHA256)
-    return _dataset("shakespeare", source or str(path), split, chars, tokens, SHAKESPEARE_SHA256)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -502,39 +342,8 @@ def make_text_sample(split: str = "train") -> TextDataset:
     character model can learn, so its loss falls far below ln(vocab_size). Randomness comes from a seeded
     torch.Generator; the global RNG is never touched.
     """
-    split = _split_name(split)
+    split = text_split(split)
     text = _sample_text()
     raw = text.encode("utf-8")
     chars, tokens = _tokenise(text)
-    return _dataset("sample", "generated", split, chars, tokens, hashlib.sha256(raw).hexdigest())
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Choosing a text by name
-# ------------------------------------------------------------------------------------------------------------
-
-
-def resolve_text(
-    name: str = "auto",
-    *,
-    data_dir: str | Path | None = None,
-    download: bool = True,
-    warn: Callable[[str], Any] | None = None,
-    split: str = "train",
-) -> TextDataset:
-    """The text dataset called ``name``: "shakespeare", "sample", or "auto".
-
-    "auto" tries tiny Shakespeare (download included, if allowed) and on DataNotFound calls ``warn`` once with
-    a one-line message (``warnings.warn`` when ``warn`` is None) and returns the generated sample. A corrupt
-    file is an error, not a reason to fall back.
-    """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in TEXT_DATASET_NAMES:
-        raise ValueError(f"unknown text dataset {name!r}; valid names: {', '.join(TEXT_DATASET_NAMES)}")
-    split = _split_name(split)
-    if key == "shakespeare":
-        return load_shakespeare(split, data_dir=data_dir, download=download)
-    if key == "sample":
-        return make_text_sample(split)
-    return real_or_sample(lambda: load_shakespeare(split, data_dir=data_dir, download=download),
-                          lambda: make_text_sample(split), what="text", warn=warn)
+    return split_dataset("sample", "generated", split, chars, tokens, hashlib.sha256(raw).hexdigest())

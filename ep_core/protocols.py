@@ -21,8 +21,8 @@ from ep_core.config import Config
 from ep_core.errors import ConfigError, DivergenceError, EpxError
 
 __all__ = ["Batch", "DataSpec", "Dataset", "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError",
-           "Estimator", "EquilibriumModel", "GradientEstimate", "HasMetrics", "Model", "NamedState", "ResidualModel",
-           "State", "StatefulEstimator", "SyntheticData"]
+           "EquilibriumModel", "Estimator", "GradientEstimate", "HasMetrics", "HasTrainingDefaults", "Model",
+           "NamedState", "ResidualModel", "State", "StatefulEstimator", "SyntheticData"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -141,6 +141,13 @@ class ResidualModel(Model, Protocol):
     def readout(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def forward_hidden(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+
+
+@runtime_checkable
+class HasTrainingDefaults(Protocol):
+    """A model with its own defaults for `epx train` (TrainConfig fields), applied under the user's settings."""
+
+    training_defaults: ClassVar[Mapping[str, Any]]
 
 
 @runtime_checkable

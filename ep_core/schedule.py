@@ -5,10 +5,16 @@ torch, so that the command line can build ``epx train``'s options (and its --hel
     η_t = lr · (m + (1 − m)·½(1 + cos π·u))                   after it; u ∈ (0, 1] the fraction of the
                                                               post-warm-up steps done, m = min_lr
 
-Three options default to values scaled to the length of the run, so that a short run (``--steps 20``) leaves
-warm-up, validates a few times and compares with the reference at least once: ``warmup`` = min(20, steps // 10),
-``eval_every`` = min(25, ⌈steps / 4⌉), ``diagnose_every`` = min(50, ⌈steps / 4⌉). The comparison with the
-reference also runs after the last step (unless ``diagnose_every`` is 0).
+The length of a run is ``steps`` or ``epochs`` (not both): an epoch is ⌊N/B⌋ steps for a training set of N
+samples and batches of B, so ``epochs`` needs a model that learns from a dataset. Three options default to
+values scaled to the length of the run, so that a short run (``--steps 20``) leaves warm-up, validates a few times
+and compares with the reference at least once: ``warmup`` = min(20, steps // 10), ``eval_every`` = min(25,
+⌈steps / 4⌉), ``diagnose_every`` = min(50, ⌈steps / 4⌉). The comparison with the reference also runs after the
+last step (unless ``diagnose_every`` is 0). A model may set its own defaults under the user's (resmlp: seed 004's
+lr 1e-3, no warm-up, decay to 0).
+
+``freeze`` names parameter groups (glob patterns, comma-separated: ``block*``) that training leaves as they
+were initialised: the optimizer never sees them (so weight decay does not move them either).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ import math
 from dataclasses import dataclass
 from typing import Self
 
-from ep_core.config import Config, option
+from ep_core.config import Config, ConfigError, option
 
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
-    steps: int = option(300, "optimizer steps", ge=1)
+    steps: int | None = option(None, "optimizer steps; none: 300, or --epochs", ge=1, optional=True)
+    epochs: int | None = option(None, "passes of ⌊N/batch⌋ steps over the training data (instead of --steps)", ge=1,
+                                optional=True)
     lr: float = option(3e-3, "peak learning rate", gt=0)
     warmup: int | None = option(None, "steps of linear warm-up to lr; none: min(20, steps/10)", ge=0,
                                 optional=True)
@@ -40,13 +48,30 @@ class TrainConfig(Config):
                                               "after the last step); 0: never; none: min(50, steps/4)", ge=0,
                                         optional=True)
     checkpoint_every: int = option(50, "steps between checkpoints (also at the end)", ge=1)
+    freeze: str = option("", "parameter groups to keep as initialised: comma-separated globs such as block*")
 
-    def resolved(self) -> Self:
-        """This config with every ``none`` default replaced by its value for ``steps`` (module docstring)."""
-        quarter = math.ceil(self.steps / 4)
+    @property
+    def frozen_patterns(self) -> list[str]:
+        return [pattern.strip() for pattern in self.freeze.split(",") if pattern.strip()]
+
+    def resolved(self, steps_per_epoch: int | None = None) -> Self:
+        """This config with every ``none`` default replaced by its value for the run's length (module docstring);
+        ``steps_per_epoch`` (⌊N/B⌋) turns ``epochs`` into ``steps``."""
+        steps = self.steps
+        if self.epochs is not None:
+            if steps_per_epoch is None and steps is None:
+                raise ConfigError("epochs", "--epochs needs a model that learns from a dataset; give --steps")
+            if steps_per_epoch is not None:
+                # A resolved config keeps both; a user's config may hold only one of them.
+                if steps is not None and steps != self.epochs * steps_per_epoch:
+                    raise ConfigError("epochs", f"give --epochs or --steps, not both (got {self.epochs} and {steps})")
+                steps = self.epochs * steps_per_epoch
+        steps = 300 if steps is None else steps
+        quarter = math.ceil(steps / 4)
         return dataclasses.replace(
             self,
-            warmup=min(20, self.steps // 10) if self.warmup is None else self.warmup,
+            steps=steps,
+            warmup=min(20, steps // 10) if self.warmup is None else self.warmup,
             eval_every=min(25, quarter) if self.eval_every is None else self.eval_every,
             diagnose_every=min(50, quarter) if self.diagnose_every is None else self.diagnose_every,
         )

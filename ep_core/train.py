@@ -32,6 +32,7 @@ device its parameters are bitwise those of a run that was never stopped. Checkpo
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import threading
@@ -47,15 +48,16 @@ from ep_core.config import ConfigError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import environment, gradient_metrics, init_state, jsonable
 from ep_core.errors import EpxError, FileFormatError, Interrupted, ResumeError
-from ep_core.protocols import StatefulEstimator
+from ep_core.protocols import HasMetrics, HasTrainingDefaults, Model, ResidualModel, StatefulEstimator
+from ep_core.residual_stream import residual_stream
 from ep_core.analysis import fixed_point_stability
 from ep_core.schedule import TrainConfig, learning_rate
-from ep_core.relax import free_phase, inner, parameter_gradient, relaxation_map
+from ep_core.relax import inner, parameter_gradient, relaxation_map
 from ep_core.plugins import Registry
 from ep_core.seeding import (DATA_STREAM, ESTIMATOR_STREAM, EVAL_MASK_STREAM, EVAL_STREAM, MASK_STREAM,
                              PENALTY_STREAM, PROBE_STREAM, check_seed, generator)
 from ep_core.session import (DTYPES, build_estimator, build_model, check_batch_size, check_model_settings,
-                             check_requires, draw_batch, load_data, resolve_device,
+                             check_requires, draw_batch, load_data, resolve_device, samples_in,
                              split_estimator_settings)
 
 RUN_FORMAT = "epx.run/1"
@@ -63,8 +65,25 @@ CHECKPOINT_FORMAT = "epx.checkpoint/1"
 RUN_FILE, LOG_FILE, CHECKPOINT_FILE = "run.json", "log.jsonl", "checkpoint.pt"
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def frozen_parameters(model: Model, patterns: list[str]) -> set[str]:
+    """The names of the parameters in the groups that match any of ``patterns`` (fnmatch globs); a pattern that
+    matches no group is a ConfigError naming the groups there are."""
+    groups = model.parameter_groups()
+    names: set[str] = set()
+    for pattern in patterns:
+        matched = [group for group in groups if fnmatch.fnmatchcase(group, pattern)]
+        if not matched:
+            raise ConfigError("freeze", f"{pattern!r} matches no parameter group; the groups are "
+                                        f"{', '.join(groups)}")
+        names.update(name for group in matched for name in groups[group])
+    if names >= {name for name, p in model.named_parameters() if p.requires_grad}:
+        raise ConfigError("freeze", f"{','.join(patterns)} freezes every parameter; nothing would be trained")
+    return names
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig,
+                   frozen: set[str] = frozenset()) -> torch.optim.Optimizer:
+    trainable = [p for name, p in model.named_parameters() if p.requires_grad and name not in frozen]
     if config.optimizer == "sgd":
         return torch.optim.SGD(trainable, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -100,6 +119,9 @@ class Run:
     """What was run, as JSON: names and settings of estimator, model, data, the config. A resume must match it."""
     reference: Any | None = None
     data_description: dict[str, Any] = field(default_factory=dict)
+    frozen: set[str] = field(default_factory=set)
+    """Parameters that training leaves as they were initialised (``--freeze``)."""
+    steps_per_epoch: int | None = None
 
 
 def build_run(registry: Registry, estimator: str, model: str, *, settings: Mapping[str, str] | None = None,
@@ -121,7 +143,8 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     routed = split_estimator_settings(settings or {}, {estimator: rule_class}, model_class)
     rule = build_estimator(registry, estimator, routed[estimator])
     exact = build_estimator(registry, reference) if reference not in (None, estimator) else None
-    config = TrainConfig.from_mapping(train_settings or {}).resolved()
+    defaults = dict(model_class.training_defaults) if isinstance(model_class, HasTrainingDefaults) else {}
+    config = TrainConfig.from_mapping({**defaults, **(train_settings or {})})
     check_model_settings(model_class, model_settings or {}, {estimator: rule_class})
     dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download, warn=warn,
                         shape=None if model_class.data.kind == "synthetic" else
@@ -140,6 +163,9 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     check_requires(estimator, type(rule), network, model)
     batch_size = model_class.data.batch_size if batch_size is None else batch_size
     check_batch_size(network, dataset, batch_size, held_out=held_out)
+    steps_per_epoch = None if dataset is None else samples_in(network, dataset) // batch_size
+    config = config.resolved(steps_per_epoch)
+    frozen = frozen_parameters(network, config.frozen_patterns)
     for built in (rule, exact):
         init_state(built, network, seed=seed)
     spec = {"estimator": {"name": estimator, "config": rule.config.to_dict()},
@@ -149,7 +175,8 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
             "reference": reference if exact is not None else None, "train": config.to_dict()}
     description = dataset.describe() if dataset is not None else {"name": "synthetic"}
     return Run(model=network, estimator=rule, dataset=dataset, held_out=held_out, batch_size=batch_size, seed=seed,
-               config=config, spec=spec, reference=exact, data_description=description)
+               config=config, spec=spec, reference=exact, data_description=description, frozen=frozen,
+               steps_per_epoch=steps_per_epoch)
 
 
 @dataclass
@@ -193,14 +220,43 @@ def jacobian_penalty(model, batch, state, *, weight: float,
 
 
 def validation_loss(run: Run) -> float:
-    """Mean C(x*) over the same ``eval_batches`` held-out batches every time it is called."""
+    """Mean ``model.loss`` over the same ``eval_batches`` held-out batches every time it is called (for an
+    equilibrium model: C after the T1 free steps)."""
     data, mask = generator(run.seed, EVAL_STREAM), generator(run.seed, EVAL_MASK_STREAM)
     total = 0.0
     for _ in range(run.config.eval_batches):
         batch = draw_batch(run.model, run.held_out, run.batch_size, data=data, mask=mask)
         with torch.no_grad():
-            total += float(run.model.cost(free_phase(run.model, batch).state, batch))
+            total += float(run.model.loss(batch))
     return total / run.config.eval_batches
+
+
+EVALUATION_BATCH = 1024
+"""Samples of the fixed held-out batch on which a residual network's stream is diagnosed (seed 004's)."""
+CHUNK = 1000
+"""Samples per forward pass when the whole held-out set is scored."""
+
+
+def epoch_record(run: Run, epoch: int, step: int) -> dict[str, Any]:
+    """After an epoch: the model's metrics (accuracy) on the whole held-out set and, for a residual network, its
+    stream diagnostics on a fixed evaluation batch (seed 004's per-epoch record)."""
+    model = run.model
+    record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": step}
+    if isinstance(model, HasMetrics) and run.held_out is not None:
+        everything = draw_batch(model, run.held_out, samples_in(model, run.held_out),
+                                data=generator(run.seed, EVAL_STREAM), mask=generator(run.seed, EVAL_MASK_STREAM))
+        size = next(iter(everything.values())).shape[0]
+        totals: dict[str, float] = {}
+        for start in range(0, size, CHUNK):
+            chunk = {key: value[start:start + CHUNK] for key, value in everything.items()}
+            for name, value in model.metrics(chunk).items():
+                totals[name] = totals.get(name, 0.0) + value * next(iter(chunk.values())).shape[0]
+        record |= {f"test_{name}": total / size for name, total in totals.items()}
+    if isinstance(model, ResidualModel) and run.held_out is not None:
+        fixed = draw_batch(model, run.held_out, min(EVALUATION_BATCH, samples_in(model, run.held_out)),
+                           data=generator(run.seed, EVAL_STREAM), mask=generator(run.seed, EVAL_MASK_STREAM))
+        record["stream"] = residual_stream(model, fixed)
+    return record
 
 
 def save_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
@@ -221,7 +277,7 @@ def save_checkpoint(path: Path, run: Run, optimizer: torch.optim.Optimizer, gene
 
 
 RUN_SPEC_KEYS = ("estimator", "model", "data", "batch_size", "seed", "dtype", "device", "reference", "train")
-LOG_KINDS = ("train", "eval", "checkpoint")
+LOG_KINDS = ("train", "eval", "checkpoint", "epoch")
 _START_OVER = "delete the run directory or choose another --out to start over"
 
 
@@ -372,7 +428,7 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
     """Train ``run.model`` with ``run.estimator``; return every log record (see the module docstring)."""
     progress = progress or Progress()
     config, model = run.config, run.model
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, run.frozen)
     generators = _generators(run)
     groups = model.parameter_groups()
     records: list[dict[str, Any]] = []
@@ -411,6 +467,8 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
             emit(_train_step(run, step, optimizer, generators, groups))
             if step % config.eval_every == 0 or step == config.steps:
                 emit({"kind": "eval", "step": step, "val_loss": validation_loss(run)})
+            if config.epochs is not None and step % run.steps_per_epoch == 0:
+                emit(epoch_record(run, step // run.steps_per_epoch, step))
             last = step == config.steps
             if directory is not None and (step % config.checkpoint_every == 0 or last or progress.stop.is_set()):
                 save_checkpoint(directory / CHECKPOINT_FILE, run, optimizer, generators, step)
@@ -439,9 +497,9 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
     if broken:
         raise EpxError(f"step {step}: {type(run.estimator).name} returned non-finite gradients for "
                        f"{', '.join(broken)}; lower --lr or the model's eps")
-    if estimate.fixed_point is not None:
-        with torch.no_grad():
-            record["loss"] = float(model.cost(estimate.fixed_point, batch))
+    with torch.no_grad():
+        record["loss"] = float(model.cost(estimate.fixed_point, batch) if estimate.fixed_point is not None
+                               else model.loss(batch))
     if "residual" in estimate.stats:
         record["residual"] = estimate.stats["residual"]
     if run.reference is not None and config.diagnose_every and (step % config.diagnose_every == 0
@@ -461,7 +519,7 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
                                                              generator=generators["penalty"])
         grads = {name: g + penalty_grads[name] for name, g in grads.items()}
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and name not in run.frozen:
             p.grad = grads[name].to(dtype=p.dtype)
     record["grad_norm"] = clip_groups(model, config.clip)
     for group in optimizer.param_groups:

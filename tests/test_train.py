@@ -202,3 +202,71 @@ def test_train_command_prints_the_table_and_is_registered_through_the_hook(tmp_p
     assert plugin.registered == ["command:train"] and plugin.distribution == "epx"
     bad = CliRunner().invoke(cli, ["train", "aep", "--model", "toy", "--lr", "0"])
     assert bad.exit_code == 2 and "lr: 0.0 is out of range" in bad.output
+
+
+RESMLP = {"dim": "16", "blocks": "2", "hidden": "16"}
+
+
+def test_epochs_log_accuracy_on_the_whole_held_out_set_and_the_residual_stream():
+    run = build_run(load(), "dfa", "resmlp", model_settings=RESMLP, data="sample", batch_size=512,
+                    settings={"lam": "0.01"}, train_settings={"epochs": "2", "diagnose_every": "0"})
+    assert run.steps_per_epoch == 4 and run.config.steps == 8  # the generated sample holds 2048 images
+    assert (run.config.lr, run.config.warmup, run.config.min_lr) == (1e-3, 0, 0.0)  # resmlp's own defaults
+    epochs = [r for r in train(run) if r["kind"] == "epoch"]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 4), (2, 8)]
+    for record in epochs:
+        assert 0.0 <= record["test_accuracy"] <= 1.0
+        assert set(record["stream"]) >= {"h_L_norm", "grad_norm", "growth", "max_growth", "accuracy"}
+    whole = run.held_out
+    accuracy = run.model.metrics(run.model.prepare_batch(whole.images.float() / 255, whole.labels,
+                                                         generator=torch.Generator()))["accuracy"]
+    assert epochs[-1]["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    with pytest.raises(ConfigError, match="not both"):
+        build_run(load(), "dfa", "resmlp", model_settings=RESMLP, data="sample",
+                  train_settings={"epochs": "2", "steps": "5"})
+    with pytest.raises(ConfigError, match="needs a model that learns from a dataset"):
+        toy_run(steps=None, epochs="2")
+
+
+def test_frozen_groups_stay_as_initialised():
+    run = build_run(load(), "backprop", "resmlp", model_settings=RESMLP, data="sample", batch_size=32,
+                    train_settings={"steps": "3", "freeze": "block*", "diagnose_every": "0"})
+    before = parameters(run)
+    train(run)
+    after = parameters(run)
+    frozen = {name for name in before if name.startswith("blocks.")}
+    assert frozen and run.frozen == frozen
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    with pytest.raises(ConfigError, match="'bloc' matches no parameter group; the groups are embed, block0"):
+        build_run(load(), "backprop", "resmlp", model_settings=RESMLP, data="sample",
+                  train_settings={"freeze": "bloc"})
+
+
+def test_sigkill_during_dfa_training_then_resume_restores_parameters_and_feedback_bitwise(tmp_path):
+    common = ["train", "dfa", "--model", "resmlp", "--data", "sample", "--model-set", "dim=16", "--model-set",
+              "blocks=2", "--batch-size", "16", "--set", "lam=0.01", "--steps", "40", "--checkpoint-every", "5",
+              "--eval-every", "10", "--diagnose-every", "0"]
+    env = {**os.environ, "EPX_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "epx_cli", *common, "--out", str(tmp_path / "whole")], check=True,
+                   env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "epx_cli", *common, "--out", str(killed)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / LOG_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and '"checkpoint", "step": 10' in log.read_text()):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(killed / CHECKPOINT_FILE, weights_only=True)["step"]
+    assert 10 <= stopped_at < 40, "the kill must land mid-run for this test to mean anything"
+    subprocess.run([sys.executable, "-m", "epx_cli", "train", "--resume", "--out", str(killed)], check=True,
+                   env=env, capture_output=True)
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_FILE, weights_only=True)
+    resumed = torch.load(killed / CHECKPOINT_FILE, weights_only=True)
+    assert whole["step"] == resumed["step"] == 40
+    assert set(whole["estimator"]) == {"B0", "B1"}
+    for part in ("model", "estimator"):
+        for name, tensor in whole[part].items():
+            assert torch.equal(tensor, resumed[part][name]), (part, name)

@@ -369,10 +369,31 @@ def training_table(records: list[dict[str, Any]], title: str, converged_tol: flo
     return table
 
 
+def epoch_table(records: list[dict[str, Any]]) -> Table | None:
+    """One row per epoch: accuracy on the whole held-out set and, for a residual network, its stream (seed 004's
+    diagnostics on a fixed evaluation batch)."""
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    if not epochs:
+        return None
+    table = Table(title="per epoch", header_style="bold")
+    for column in ("epoch", "step", "test\naccuracy", "‖h_L‖", "‖∂L/∂h_k‖", "largest\ngrowth"):
+        table.add_column(column, justify="right")
+    for record in epochs:
+        stream = record.get("stream") or {}
+        table.add_row(str(record["epoch"]), str(record["step"]), fmt_number(record.get("test_accuracy"), ".4f"),
+                      fmt_number(stream.get("h_L_norm"), ".3g"), fmt_number(stream.get("grad_norm"), ".3g"),
+                      fmt_number(stream.get("max_growth"), ".3g"))
+    return table
+
+
 def training_report(records: list[dict[str, Any]], title: str, converged_tol: float) -> list[RenderableType]:
-    """What `epx train` prints: one row per validation, and the legend."""
+    """What `epx train` prints: one row per validation, one per epoch when the run counts epochs, and the legend."""
+    epochs = epoch_table(records)
     return [Stacked(training_table(records, title, converged_tol)),
+            *([Stacked(epochs)] if epochs is not None else []),
             legend("train loss: mean since the previous row", "val loss: on the held-out batches",
                    "residual: the trained estimator's free phase",
-                   "cos: the latest cosine to the reference gradient (--ref), of all parameters or of one group"),
+                   "cos: the latest cosine to the reference gradient (--ref), of all parameters or of one group",
+                   *(["‖h_L‖, ‖∂L/∂h_k‖ (k = 2), growth: medians on a fixed held-out batch of up to 1024"]
+                     if epochs is not None else [])),
             colour_legend(COSINE_COLOURS, residual_colours(converged_tol))]

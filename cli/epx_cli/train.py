@@ -45,7 +45,9 @@ def _status(record: dict[str, Any], shown: dict[str, str]) -> str:
             shown["cos"] = f"cos {record['diagnostic']['cosine']:.4f}"
     elif record["kind"] == "eval":
         shown["val"] = f"val {record['val_loss']:.4f}"
-    return " · ".join(shown[k] for k in ("loss", "val", "cos") if k in shown)
+    elif record["kind"] == "epoch" and record.get("test_accuracy") is not None:
+        shown["acc"] = f"test acc {record['test_accuracy']:.4f}"
+    return " · ".join(shown[k] for k in ("loss", "val", "acc", "cos") if k in shown)
 
 
 def resume_conflicts(ctx: click.Context, recorded: dict[str, Any]) -> list[str]:
@@ -195,6 +197,8 @@ def train(ctx: click.Context, estimator: str | None, reference: str, settings: t
             bar.update(task, completed=record["step"], status=status)
             if record["kind"] == "eval" and not err.is_terminal:
                 err.print(f"step {record['step']}/{steps} · {status}", highlight=False)
+            if record["kind"] == "epoch" and not err.is_terminal:
+                err.print(f"epoch {record['epoch']} (step {record['step']}/{steps}) · {status}", highlight=False)
             residual = record.get("residual")
             if residual is not None and residual > CONVERGED_TOL and not warned_unconverged:
                 warned_unconverged = True

@@ -170,7 +170,8 @@ class Dataset(Protocol):
     """A dataset a registered factory returns: its ``name``, the ``kind`` of model data it serves ("images" or
     "text", as in :class:`DataSpec`), its size and a JSON-ready ``describe()`` for results. Images batch as
     ``batch(size, *, generator, dtype) -> (B×C×H×W in [0, 1], int64 labels)``, text as ``batch(size, *, context,
-    generator) -> (inputs, targets)`` of token ids (see ep_core.data.ImageDataset, ep_core.text.TextDataset)."""
+    generator) -> (inputs, targets)`` of token ids (see ep_core.datasets.images.ImageDataset and
+    ep_core.datasets.text.TextDataset)."""
 
     name: str
     kind: ClassVar[str]

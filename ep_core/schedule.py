@@ -49,6 +49,8 @@ class TrainConfig(Config):
                                         optional=True)
     checkpoint_every: int = option(50, "steps between checkpoints (also at the end)", ge=1)
     freeze: str = option("", "parameter groups to keep as initialised: comma-separated globs such as block*")
+    augment: bool = option(False, "training images get seed 004's augmentation: a random crop after 4-pixel "
+                                  "zero padding and a random horizontal flip, drawn from the data generator")
 
     @property
     def frozen_patterns(self) -> list[str]:

@@ -246,9 +246,10 @@ def load_data(registry: Registry, data: str = "auto", *, spec: DataSpec, data_di
 
 
 def draw_batch(model, dataset: Any | None, batch_size: int, *, data: torch.Generator,
-               mask: torch.Generator) -> Batch:
+               mask: torch.Generator, augment: bool = False) -> Batch:
     """One batch for ``model``: ``batch_size`` samples of ``dataset`` drawn with the ``data`` generator and
-    prepared (e.g. masked) with ``mask``; or, for a synthetic-data model, the batch it makes from ``data``."""
+    prepared (e.g. masked) with ``mask``; or, for a synthetic-data model, the batch it makes from ``data``.
+    ``augment``: images get the dataset's training augmentation (seeded crop and flip, from ``data``)."""
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
     parameter = next(model.parameters())
@@ -257,9 +258,11 @@ def draw_batch(model, dataset: Any | None, batch_size: int, *, data: torch.Gener
             raise ConfigError("data", f"{type(model).__name__} declares synthetic data but has no make_batch")
         return model.make_batch(batch_size, generator=data)
     if model.data.kind == "text":
+        if augment:
+            raise ConfigError("augment", "augmentation is for images; text windows have none")
         inputs, targets = dataset.batch(batch_size, context=model.data.sample_shape(model.config)[0], generator=data)
     else:
-        inputs, targets = dataset.batch(batch_size, generator=data, dtype=parameter.dtype)
+        inputs, targets = dataset.batch(batch_size, generator=data, dtype=parameter.dtype, augment=augment)
     batch = model.prepare_batch(inputs, targets, generator=mask)
     return {k: v.to(parameter.device) for k, v in batch.items()}
 

@@ -485,7 +485,8 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
                 groups: Mapping[str, list[str]]) -> dict[str, Any]:
     model, config = run.model, run.config
     started = time.perf_counter()
-    batch = draw_batch(model, run.dataset, run.batch_size, data=generators["data"], mask=generators["mask"])
+    batch = draw_batch(model, run.dataset, run.batch_size, data=generators["data"], mask=generators["mask"],
+                       augment=config.augment)
     try:
         estimate = run.estimator.estimate(model, batch, generator=generators["estimator"])
     except EpxError as exc:

@@ -270,3 +270,15 @@ def test_sigkill_during_dfa_training_then_resume_restores_parameters_and_feedbac
     for part in ("model", "estimator"):
         for name, tensor in whole[part].items():
             assert torch.equal(tensor, resumed[part][name]), (part, name)
+
+
+def test_augmentation_is_seeded_and_changes_the_training_batches():
+    def final(augment: str) -> dict[str, torch.Tensor]:
+        run = build_run(load(), "backprop", "resmlp", model_settings=RESMLP, data="sample", batch_size=32,
+                        train_settings={"steps": "3", "diagnose_every": "0", "augment": augment})
+        train(run)
+        return parameters(run)
+
+    plain, augmented, again = final("false"), final("true"), final("true")
+    assert all(torch.equal(augmented[k], again[k]) for k in plain)
+    assert not torch.equal(plain["embedding.weight"], augmented["embedding.weight"])

@@ -75,7 +75,8 @@ class Block(nn.Module):
 class ResMLP(nn.Module):
     Config: ClassVar[type[Config]] = ResMLPConfig
     data: ClassVar[DataSpec] = DataSpec(kind="images", shape=lambda cfg: (cfg.channels, cfg.image, cfg.image),
-                                        datasets=("fashionmnist",), batch_size=128, from_data=_image_settings)
+                                        datasets=("cifar10", "fashionmnist"), batch_size=128,
+                                        from_data=_image_settings)
     # Seed 004's AdamW: lr 1e-3 with a cosine decay to 0 over the run and no warm-up (its weight decay, 0.01, and
     # its clipping at norm 1 per block are epx's defaults already).
     training_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "warmup": 0, "min_lr": 0.0}

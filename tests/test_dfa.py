@@ -182,3 +182,8 @@ def test_an_exploded_stream_makes_the_comparison_not_meaningful():
     assert text.count(" ?") == 1 + len(model.parameter_groups())  # every cosine of dfa, none of the reference
     assert "cosines NOT meaningful" in text
     assert any("are not meaningful" in note for note in comparison_notes(exploded))
+
+
+def test_info_says_which_estimators_keep_state(epx):
+    assert "state: kept between estimates" in " ".join(epx("info", "dfa").stdout.split())
+    assert "state:" not in epx("info", "aep").stdout

@@ -188,6 +188,12 @@ def info(ctx: click.Context, name: str) -> None:
         out.print(f"[bold]{entry.name}[/] ({entry.kind}, from plugin {entry.plugin}): {entry.summary}")
         if getattr(factory, "exact_limit", None):
             out.print(f"exact limit: {factory.exact_limit}")
+        if entry.kind == "estimator":
+            from ep_core.protocols import StatefulEstimator
+
+            if isinstance(factory, StatefulEstimator):
+                out.print("state: kept between estimates; built by init(model, generator) from the seed's own "
+                          "stream, saved in epx train's checkpoints and restored on --resume")
         config = getattr(factory, "Config", None)
         if config is not None:
             rows = config.describe()

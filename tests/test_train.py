@@ -122,37 +122,39 @@ def test_train_is_generic_masked_reconstruction_on_cet_falls():
     assert evals[-1] < 0.8 * evals[0], evals
 
 
-def test_sigkill_then_resume_ends_bitwise_identical_to_an_uninterrupted_run(tmp_path):
-    common = ["train", "aep", "--model", "toy", "--model-set", "conservative=false", "--batch-size", "8",
-              "--steps", "40", "--checkpoint-every", "5", "--eval-every", "10", "--diagnose-every", "0"]
+def kill_then_resume(common: list[str], tmp_path, resume: list[str]) -> tuple[dict, dict]:
+    """Train ``epx COMMON`` to the end in one directory; in another, SIGKILL it after its step-10 checkpoint and
+    run ``epx RESUME --out DIR``; return both final checkpoints (the log of the killed run is checked too)."""
     env = {**os.environ, "EPX_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "epx_cli", *common, "--out", str(tmp_path / "whole")], check=True,
                    env=env, capture_output=True)
-
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "epx_cli", *common, "--out", str(killed)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = killed / LOG_FILE
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        lines = log.read_text().splitlines() if log.exists() else []
-        if any('"checkpoint"' in line and '"step": 10' in line for line in lines):
-            break
-        time.sleep(0.02)
+    while time.monotonic() < deadline and not (log.exists() and '"checkpoint", "step": 10' in log.read_text()):
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     stopped_at = torch.load(killed / CHECKPOINT_FILE, weights_only=True)["step"]
     assert 10 <= stopped_at < 40, "the kill must land mid-run for this test to mean anything"
-
-    subprocess.run([sys.executable, "-m", "epx_cli", *common, "--out", str(killed), "--resume"], check=True,
-                   env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "epx_cli", *resume, "--out", str(killed)], check=True, env=env,
+                   capture_output=True)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 40
     whole = torch.load(tmp_path / "whole" / CHECKPOINT_FILE, weights_only=True)
     resumed = torch.load(killed / CHECKPOINT_FILE, weights_only=True)
     assert whole["step"] == resumed["step"] == 40
+    return whole, resumed
+
+
+def test_sigkill_then_resume_ends_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    common = ["train", "aep", "--model", "toy", "--model-set", "conservative=false", "--batch-size", "8",
+              "--steps", "40", "--checkpoint-every", "5", "--eval-every", "10", "--diagnose-every", "0"]
+    whole, resumed = kill_then_resume(common, tmp_path, [*common, "--resume"])
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == sorted(steps) and steps[-1] == 40
 
 
 def test_ctrl_c_then_the_printed_resume_command_ends_bitwise_identical_to_an_uninterrupted_run(tmp_path,
@@ -247,25 +249,7 @@ def test_sigkill_during_dfa_training_then_resume_restores_parameters_and_feedbac
     common = ["train", "dfa", "--model", "resmlp", "--data", "sample", "--model-set", "dim=16", "--model-set",
               "blocks=2", "--batch-size", "16", "--set", "lam=0.01", "--steps", "40", "--checkpoint-every", "5",
               "--eval-every", "10", "--diagnose-every", "0"]
-    env = {**os.environ, "EPX_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "epx_cli", *common, "--out", str(tmp_path / "whole")], check=True,
-                   env=env, capture_output=True)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "epx_cli", *common, "--out", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = killed / LOG_FILE
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (log.exists() and '"checkpoint", "step": 10' in log.read_text()):
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    stopped_at = torch.load(killed / CHECKPOINT_FILE, weights_only=True)["step"]
-    assert 10 <= stopped_at < 40, "the kill must land mid-run for this test to mean anything"
-    subprocess.run([sys.executable, "-m", "epx_cli", "train", "--resume", "--out", str(killed)], check=True,
-                   env=env, capture_output=True)
-    whole = torch.load(tmp_path / "whole" / CHECKPOINT_FILE, weights_only=True)
-    resumed = torch.load(killed / CHECKPOINT_FILE, weights_only=True)
-    assert whole["step"] == resumed["step"] == 40
+    whole, resumed = kill_then_resume(common, tmp_path, ["train", "--resume"])
     assert set(whole["estimator"]) == {"B0", "B1"}
     for part in ("model", "estimator"):
         for name, tensor in whole[part].items():

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ep_core.datasets.store import as_int
 from ep_core.errors import FileFormatError
 
 __all__ = ["AUGMENT_PADDING", "GZIP_MAGIC", "SAMPLE_SHAPE", "ImageDataset", "make_sample", "parse_idx", "read_idx",
@@ -120,12 +121,7 @@ class ImageDataset:
         from ``generator`` alone, so the same generator state gives the same batch.
         """
         n = self.n
-        if isinstance(size, bool):
-            raise TypeError(f"batch size must be an integer, got {size!r}")
-        try:
-            size = operator.index(size)
-        except TypeError:
-            raise TypeError(f"batch size must be an integer, got {size!r}") from None
+        size = as_int("batch size", size)
         if not 1 <= size <= n:
             raise ValueError(f"batch size {size} is out of range for dataset {self.name!r} with N={n} "
                              f"samples (need 1 <= size <= {n})")

@@ -25,6 +25,7 @@ This module imports no torch and no numpy.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import socket
 import tempfile
@@ -44,6 +45,24 @@ __all__ = ["DataNotFound", "DownloadError", "download", "fetch", "one_line", "re
 
 _USER_AGENT = "epx (dataset download)"
 
+
+
+def as_int(what: str, value: object) -> int:
+    """``value`` as an int; a TypeError naming ``what`` for anything else, bools included."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r}") from None
+
+
+def positive_int(what: str, value: object) -> int:
+    """``value`` as an int >= 1 (see :func:`as_int`); a ValueError below 1."""
+    number = as_int(what, value)
+    if number < 1:
+        raise ValueError(f"{what} must be >= 1, got {number}")
+    return number
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())

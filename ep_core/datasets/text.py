@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ep_core.datasets.store import user_cache_dir
+from ep_core.datasets.store import positive_int, user_cache_dir
 from ep_core.files import write_atomic
 
 __all__ = ["TextDataset", "cached_tokens", "make_text_sample", "split_dataset", "text_split"]
@@ -47,18 +46,6 @@ _MAX_VOCAB = 1 << 16  # token ids are uint16
 # ------------------------------------------------------------------------------------------------------------
 # The dataset object
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _positive_int(what: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{what} must be >= 1, got {number}")
-    return number
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -117,8 +104,8 @@ class TextDataset:
         ``targets[:, t]`` is the character after ``inputs[:, t]``. Window starts are drawn with replacement by
         ``torch.randint`` from ``generator`` alone, so the same generator state gives the same batch.
         """
-        size = _positive_int("batch size", size)
-        context = _positive_int("context", context)
+        size = positive_int("batch size", size)
+        context = positive_int("context", context)
         n = len(self)
         if context + 1 > n:
             raise ValueError(f"context {context} needs {context + 1} tokens (the inputs and one more character to "

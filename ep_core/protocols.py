@@ -75,6 +75,13 @@ class DataSpec:
     def config_from_data(self, dataset: Any | None) -> dict[str, Any]:
         return {} if dataset is None else dict(self.from_data(dataset))
 
+    def check_images(self, model: str, config: Any, inputs: torch.Tensor) -> None:
+        """A ConfigError unless ``inputs`` is a batch of images of the shape ``config`` makes the model take."""
+        expected = self.sample_shape(config)
+        if inputs.dim() != 1 + len(expected) or tuple(inputs.shape[1:]) != expected:
+            raise ConfigError("image", f"{model} expects images of shape (B, {', '.join(map(str, expected))}), got "
+                                       f"{tuple(inputs.shape)}; change --model-set image/channels to match the data")
+
 
 @runtime_checkable
 class Model(Protocol):

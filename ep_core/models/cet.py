@@ -111,10 +111,7 @@ class CET(nn.Module):
     def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
         """Mask a random ``mask_ratio`` of each image's patches (drawn from ``generator``)."""
         cfg = self.config
-        expected = (cfg.channels, cfg.image, cfg.image)
-        if inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
-            raise ConfigError("image", f"cet expects images of shape (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(inputs.shape)}; change --model-set image/channels to match the data")
+        self.data.check_images("cet", cfg, inputs)
         batch = inputs.shape[0]
         masked = max(1, round(cfg.mask_ratio * self.tokens))
         order = torch.argsort(torch.rand(batch, self.tokens, generator=generator), dim=1)

@@ -103,10 +103,7 @@ class ResMLP(nn.Module):
     def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
         """Images (B×C×H×W) flattened to the embedding's input; labels as they come."""
         cfg = self.config
-        expected = (cfg.channels, cfg.image, cfg.image)
-        if inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
-            raise ConfigError("image", f"resmlp expects images of shape (B, {', '.join(map(str, expected))}), got "
-                                       f"{tuple(inputs.shape)}; change --model-set image/channels to match the data")
+        self.data.check_images("resmlp", cfg, inputs)
         if targets.dim() != 1 or int(targets.max()) >= cfg.classes:
             raise ConfigError("classes", f"labels must be 0 … {cfg.classes - 1}, got up to {int(targets.max())}")
         return {"inputs": inputs.flatten(1), "labels": targets}

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ep_core.protocols import Batch, EpxError, GradientEstimate, ResidualModel, State, StatefulEstimator
+from ep_core.protocols import (Batch, EpxError, EquilibriumModel, GradientEstimate, ResidualModel, State,
+                               StatefulEstimator)
 from ep_core.analysis import fixed_point_stability
 from ep_core.relax import CONVERGED_TOL, norm, sub
 from ep_core.residual_stream import meaningless, residual_stream
@@ -75,22 +76,47 @@ class Measurement:
     ms: list[float]
     peak_memory_bytes: int | None
     deterministic: bool
+    calls: dict[str, int] = field(default_factory=dict)
+    """Force (and non-conservative part) evaluations of one estimate; empty for a model without a force."""
 
 
 def _same(a: GradientEstimate, b: GradientEstimate) -> bool:
     return all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
 
 
+class Counted:
+    """``model`` with its calls of ``force`` and ``nonconservative`` counted: how the harness knows what an estimate
+    cost in force evaluations, without each estimator counting by hand. Everything else is the model's own, so the
+    protocols the model satisfies are the ones this satisfies."""
+
+    COUNTED = ("force", "nonconservative")
+
+    def __init__(self, model: Any):
+        self._model = model
+        self.calls = {name: 0 for name in self.COUNTED}
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._model, name)
+        if name not in self.COUNTED:
+            return value
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return value(*args, **kwargs)
+        return counted
+
+
 def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: int = 1) -> Measurement:
-    """Run one untimed estimate (whose result is returned), ``warmup − 1`` more untimed ones, then ``repeats``
-    timed ones; each gets the estimator generator derived from ``seed``."""
+    """Run one untimed estimate (whose result is returned, and whose force evaluations are counted), ``warmup − 1``
+    more untimed ones, then ``repeats`` timed ones; each gets the estimator generator derived from ``seed``."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
 
-    def run() -> GradientEstimate:
-        return estimator.estimate(model, batch, generator=generator(seed, ESTIMATOR_STREAM, device))
+    def run(on: Any = model) -> GradientEstimate:
+        return estimator.estimate(on, batch, generator=generator(seed, ESTIMATOR_STREAM, device))
 
-    first = run()
+    counted = Counted(model)
+    first = run(counted)
     broken = [name for name, g in first.grads.items() if not bool(torch.isfinite(g).all())]
     if broken:
         raise EpxError(f"{type(estimator).name} returned non-finite gradients for {', '.join(broken)}")
@@ -112,7 +138,7 @@ def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: 
         if cuda:
             peak = max(peak or 0, torch.cuda.max_memory_allocated(device) - baseline)
         deterministic = deterministic and _same(first, again)
-    return Measurement(first, times, peak, deterministic)
+    return Measurement(first, times, peak, deterministic, counted.calls if isinstance(model, EquilibriumModel) else {})
 
 
 @dataclass
@@ -191,7 +217,9 @@ def _relative_distance(a: State, b: State) -> float:
 def _result(label: str, estimator, measurement: Measurement, metrics: dict[str, Any], tol: float) -> Result:
     stats = dict(measurement.estimate.stats)
     residual = stats.pop("residual", None)
-    force_evals = stats.pop("force_evals", None)
+    force_evals = measurement.calls.get("force")
+    if measurement.calls.get("nonconservative"):
+        stats["nonconservative_evals"] = measurement.calls["nonconservative"]
     return Result(
         label=label,
         estimator=type(estimator).name,

@@ -69,7 +69,6 @@ def relaxation_map(model, batch: Batch) -> Callable[[State], State]:
 class Relaxation:
     state: State
     steps: int
-    force_evals: int
 
 
 @dataclass
@@ -79,7 +78,6 @@ class Equilibrium:
     state: State
     residual: float
     steps: int
-    force_evals: int
 
 
 def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: Drive | None = None) -> Relaxation:
@@ -94,7 +92,7 @@ def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: D
             x = step(model, batch, x, force)
             if not is_finite(x):
                 raise DivergenceError(phase, t, eps, divergence_remedy(phase, eps))
-    return Relaxation(state=x, steps=steps, force_evals=steps)
+    return Relaxation(state=x, steps=steps)
 
 
 def divergence_remedy(phase: str, eps: float) -> str:
@@ -118,7 +116,7 @@ def free_phase(model, batch: Batch, steps: int | None = None) -> Equilibrium:
         start = model.init_state(batch)
     run = relax(model, batch, start, steps, phase="free")
     return Equilibrium(state=run.state, residual=residual(model, batch, run.state),
-                       steps=steps, force_evals=run.force_evals + 1)
+                       steps=steps)
 
 
 def unrolled(model, batch: Batch) -> tuple[torch.Tensor, State]:
@@ -156,17 +154,9 @@ def nudge(model, batch: Batch, beta: float, correction: Correction | None = None
     return drive
 
 
-@dataclass
-class Contrast:
-    """The EP adjoint estimate a from nudged phases, and how many force evaluations it took."""
-
-    direction: State
-    force_evals: int
-
-
 def contrast(model, batch: Batch, equilibrium: Equilibrium, *, beta: float, steps: int, centered: bool,
-             correction: Correction | None = None) -> Contrast:
-    """Relax T2 steps from x* under F ∓ β∇ₓC (+ correction) and form
+             correction: Correction | None = None) -> State:
+    """The EP adjoint estimate a: relax T2 steps from x* under F ∓ β∇ₓC (+ correction) and form
 
     a = (x⁻ − x⁺) / (2β)  (centered)   or   a = (x* − x⁺) / β  (one-sided).
     """
@@ -174,8 +164,8 @@ def contrast(model, batch: Batch, equilibrium: Equilibrium, *, beta: float, step
     if centered:
         minus = relax(model, batch, equilibrium.state, steps, phase="nudged",
                       drive=nudge(model, batch, -beta, correction))
-        return Contrast(scale(sub(minus.state, plus.state), 1 / (2 * beta)), plus.force_evals + minus.force_evals)
-    return Contrast(scale(sub(equilibrium.state, plus.state), 1 / beta), plus.force_evals)
+        return scale(sub(minus.state, plus.state), 1 / (2 * beta))
+    return scale(sub(equilibrium.state, plus.state), 1 / beta)
 
 
 def linearize(fn: Callable[[State], State], state: State) -> tuple[State, Callable[[State], State]]:

@@ -301,3 +301,23 @@ def test_unowned_settings_are_errors(settings, field, needle):
     assert info.value.field == field
     if needle:
         assert needle in str(info.value)
+
+
+def test_the_harness_counts_force_evaluations_itself():
+    """No estimator counts by hand: the harness runs the first estimate on a counting view of the model."""
+    from epx_estimators.aep import AEP
+    from epx_estimators.ep import EP
+
+    from ep_core.bptt import BPTT
+    from ep_core.harness import compare
+    from ep_core.models.toy import Toy, ToyConfig
+
+    model = Toy(ToyConfig(conservative=False, T1=50), generator=torch.Generator().manual_seed(0))
+    batch = model.make_batch(4, generator=torch.Generator().manual_seed(1))
+    rows = {r.label: r for r in compare([("ep", EP(EP.Config(T2=7))), ("aep", AEP(AEP.Config(T2=7)))], model, batch,
+                                        reference=("bptt", BPTT()), repeats=1).results}
+    assert rows["bptt"].force_evals == 50 + 1                    # T1 unrolled steps and the residual
+    assert rows["ep"].force_evals == 50 + 1 + 2 * 7 + 1          # free phase, residual, ±β phases, the pairing
+    assert rows["aep"].force_evals == rows["ep"].force_evals     # the toy declares N: aep evaluates N, not F
+    assert rows["aep"].stats["nonconservative_evals"] == 2 * 7 + 1
+    assert "force_evals" not in rows["ep"].stats

@@ -76,7 +76,7 @@ class Adjoint:
         return GradientEstimate(
             grads=grads,
             stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
-                   "force_evals": equilibrium.force_evals + 2, "vjp_evals": applications + 1,
+                   "vjp_evals": applications + 1,
                    "adjoint_residual": adjoint_residual},
             fixed_point=x_star,
         )

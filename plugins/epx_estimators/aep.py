@@ -100,12 +100,9 @@ class AEP:
         a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered,
                      correction=correction)
         nudged_steps = cfg.T2 * (2 if cfg.centered else 1)
-        declared = isinstance(model, DeclaresNonconservative)
         return GradientEstimate(
-            grads=force_pairing(model, batch, equilibrium.state, a.direction),
-            stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
-                   "force_evals": equilibrium.force_evals + a.force_evals + 1 + (0 if declared else 1),
-                   "nonconservative_evals": nudged_steps + 1 if declared else 0, "vjp_evals": nudged_steps},
+            grads=force_pairing(model, batch, equilibrium.state, a),
+            stats={"residual": equilibrium.residual, "T1": equilibrium.steps, "vjp_evals": nudged_steps},
             fixed_point=equilibrium.state,
         )
 

@@ -48,9 +48,8 @@ class EP:
         equilibrium = free_phase(model, batch)
         a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered)
         return GradientEstimate(
-            grads=force_pairing(model, batch, equilibrium.state, a.direction),
-            stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
-                   "force_evals": equilibrium.force_evals + a.force_evals + 1},
+            grads=force_pairing(model, batch, equilibrium.state, a),
+            stats={"residual": equilibrium.residual, "T1": equilibrium.steps},
             fixed_point=equilibrium.state,
         )
 

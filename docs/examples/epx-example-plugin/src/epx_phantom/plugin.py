@@ -65,7 +65,6 @@ class Phantom:
         grads = parameter_gradient(model, cost_after_k_steps)
         return GradientEstimate(
             grads=grads,
-            stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
-                   "force_evals": equilibrium.force_evals + k},
+            stats={"residual": equilibrium.residual, "T1": equilibrium.steps},
             fixed_point=x_star,
         )

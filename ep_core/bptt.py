@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from ep_core.config import Config
-from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate, Model
+from ep_core.protocols import Batch, Equilibrium, EquilibriumModel, GradientEstimate, Model
 from ep_core.relax import detach, parameter_gradient, residual, unrolled
 
 
@@ -52,11 +52,8 @@ class BPTT:
 
         grads = parameter_gradient(model, unrolled_cost)
         x_final = detach(final["state"])
-        return GradientEstimate(
-            grads=grads,
-            stats={"residual": residual(model, batch, x_final), "T1": model.dynamics.T1},
-            fixed_point=x_final,
-        )
+        return GradientEstimate(grads=grads, equilibrium=Equilibrium(
+            state=x_final, residual=residual(model, batch, x_final), steps=model.dynamics.T1))
 
 
 class Backprop(BPTT):

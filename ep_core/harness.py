@@ -215,8 +215,9 @@ def _relative_distance(a: State, b: State) -> float:
 
 
 def _result(label: str, estimator, measurement: Measurement, metrics: dict[str, Any], tol: float) -> Result:
-    stats = dict(measurement.estimate.stats)
-    residual = stats.pop("residual", None)
+    equilibrium = measurement.estimate.equilibrium
+    residual = equilibrium.residual if equilibrium is not None else None
+    stats = ({"T1": equilibrium.steps} if equilibrium is not None else {}) | measurement.estimate.stats.to_dict()
     force_evals = measurement.calls.get("force")
     if measurement.calls.get("nonconservative"):
         stats["nonconservative_evals"] = measurement.calls["nonconservative"]
@@ -254,6 +255,10 @@ def init_state(estimator: Any, model: Any, *, seed: int) -> None:
         estimator.init(model, generator=generator(seed, STATE_STREAM))
 
 
+def _end_state(estimate: GradientEstimate) -> State | None:
+    return estimate.equilibrium.state if estimate.equilibrium is not None else None
+
+
 def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, reference: tuple[str, Any],
             seed: int = 0, repeats: int = 3, warmup: int = 1, converged_tol: float = CONVERGED_TOL,
             stability_iterations: int = 30, meta: Mapping[str, Any] | None = None,
@@ -277,14 +282,14 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
     ref_grads = ref_measurement.estimate.grads
     results = [_result(ref_label, ref_estimator, ref_measurement, gradient_metrics(ref_grads, ref_grads, groups),
                        converged_tol)]
-    fixed_points = {ref_label: ref_measurement.estimate.fixed_point}
+    fixed_points = {ref_label: _end_state(ref_measurement.estimate)}
     for done, (label, estimator) in enumerate(estimators, start=1):
         if progress:
             progress(label, done, total)
         m = measure(estimator, model, batch, seed=seed, repeats=repeats, warmup=warmup)
         results.append(_result(label, estimator, m, gradient_metrics(m.estimate.grads, ref_grads, groups),
                                converged_tol))
-        fixed_points[label] = m.estimate.fixed_point
+        fixed_points[label] = _end_state(m.estimate)
     for result in results:
         mine = fixed_points[result.label]
         result.fixed_point_distance = {other: _relative_distance(mine, theirs)
@@ -296,7 +301,7 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
                                                                      for g in ref_grads.values()])))
         stream["reference_grad_norm"] = reference_norm
         stream["not_meaningful"] = meaningless(stream, reference_norm)
-    end_state = ref_measurement.estimate.fixed_point
+    end_state = fixed_points[ref_label]
     stability = None
     if stability_iterations and end_state is not None:
         stability = fixed_point_stability(model, batch, end_state, iterations=stability_iterations,

@@ -11,6 +11,7 @@ core never looks a member up by name: everything it reads is declared here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -21,8 +22,8 @@ from ep_core.config import Config
 from ep_core.errors import ConfigError, DivergenceError, EpxError
 
 __all__ = ["Batch", "DataSpec", "Dataset", "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError",
-           "EquilibriumModel", "Estimator", "GradientEstimate", "HasMetrics", "HasTrainingDefaults", "Model",
-           "NamedState", "ResidualModel", "State", "StatefulEstimator", "SyntheticData"]
+           "Equilibrium", "EquilibriumModel", "EstimateStats", "Estimator", "GradientEstimate", "HasMetrics",
+           "HasTrainingDefaults", "Model", "NamedState", "ResidualModel", "State", "StatefulEstimator", "SyntheticData"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -195,13 +196,42 @@ class NamedState(Protocol):
     state_names: ClassVar[tuple[str, ...]]
 
 
+@dataclass(frozen=True)
+class Equilibrium:
+    """The end point x* of a free phase: its state, its residual r = ||G(x*) − x*|| / ||x*||, the steps taken."""
+
+    state: State
+    residual: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class EstimateStats:
+    """How an estimate was obtained, beyond its equilibrium: typed fields holding numbers. The base has none; an
+    estimator that counts something of its own subclasses it (adjoint: ``AdjointStats(vjp_evals,
+    adjoint_residual)``), so that reports and the kit know every field's name and type."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 @dataclass
 class GradientEstimate:
-    """What an estimator returns: one gradient per named parameter, plus how it was obtained."""
+    """What an estimator returns: one gradient per named parameter, the free phase's :class:`Equilibrium` when
+    there is one, and its :class:`EstimateStats`."""
 
     grads: dict[str, torch.Tensor]
-    stats: dict[str, Any] = field(default_factory=dict)
-    fixed_point: State | None = None
+    equilibrium: Equilibrium | None = None
+    stats: EstimateStats = field(default_factory=EstimateStats)
+
+    def __post_init__(self) -> None:
+        # A plugin bug, named where it is made rather than where a report later reads the field.
+        if not isinstance(self.stats, EstimateStats):
+            raise TypeError(f"GradientEstimate.stats must be an EstimateStats dataclass, got "
+                            f"{type(self.stats).__name__}: subclass ep_core.protocols.EstimateStats with typed fields")
+        if self.equilibrium is not None and not isinstance(self.equilibrium, Equilibrium):
+            raise TypeError(f"GradientEstimate.equilibrium must be an Equilibrium or None, got "
+                            f"{type(self.equilibrium).__name__}")
 
 
 class Estimator(Protocol):

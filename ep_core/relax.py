@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ep_core.protocols import Batch, DivergenceError, State
+from ep_core.protocols import Batch, DivergenceError, Equilibrium, State
 
 CONVERGED_TOL = 1e-4
 """A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
@@ -68,15 +68,6 @@ def relaxation_map(model, batch: Batch) -> Callable[[State], State]:
 @dataclass
 class Relaxation:
     state: State
-    steps: int
-
-
-@dataclass
-class Equilibrium:
-    """The end point x* of a free phase, with its residual."""
-
-    state: State
-    residual: float
     steps: int
 
 

@@ -199,6 +199,14 @@ def build_estimator(registry: Registry, name: str, settings: Mapping[str, Any] |
     return cls(cls.Config.from_mapping(settings or {}))
 
 
+def build_estimators(registry: Registry, names: Sequence[str], settings: Mapping[str, str] | None = None,
+                     model_class: type | None = None) -> dict[str, Any]:
+    """Each of ``names`` (once, in order) built with its share of ``settings`` (:func:`split_estimator_settings`)."""
+    classes = {label: registry.get("estimator", label).factory for label in dict.fromkeys(names)}
+    routed = split_estimator_settings(settings or {}, classes, model_class)
+    return {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
+
+
 def check_requires(label: str, estimator_class: type, model: Any, model_name: str) -> None:
     """The estimator's ``requires`` protocol must hold for the model (usage error otherwise)."""
     required = estimator_class.requires
@@ -272,12 +280,94 @@ def build_batch(model, dataset: Any | None, *, batch_size: int | None = None, se
     """The batch a comparison measures on, drawn from the seed's DATA and MASK streams."""
     batch_size = model.data.batch_size if batch_size is None else batch_size
     check_batch_size(model, dataset, batch_size)
+    return _seeded_batch(model, dataset, batch_size, seed=seed, requested=requested)
+
+
+def _seeded_batch(model, dataset: Any | None, batch_size: int, *, seed: int, requested: str) -> Data:
     batch = draw_batch(model, dataset, batch_size, data=generator(seed, DATA_STREAM),
                        mask=generator(seed, MASK_STREAM))
     if dataset is None:
         return Data(batch, {"name": "synthetic", "source": f"{type(model).__name__}.make_batch",
                             "batch_size": batch_size})
     return Data(batch, {**dataset.describe(), "requested": requested, "batch_size": batch_size})
+
+
+def model_data(registry: Registry, model_class: type, data: str = "auto",
+               model_settings: Mapping[str, str] | None = None, *, split: str = "train", data_dir: str | None = None,
+               download: bool = True, warn: Callable[[str], None] | None = None) -> Any:
+    """:func:`load_data` for ``model_class`` configured with ``model_settings``: its DataSpec, and the sample
+    shape it asks for (None for a model that makes its own data)."""
+    spec = model_class.data
+    config = model_class.Config.from_mapping(model_settings or {})
+    shape = None if spec.kind == "synthetic" else spec.sample_shape(config)
+    return load_data(registry, data, spec=spec, data_dir=data_dir, download=download, warn=warn, split=split,
+                     shape=shape)
+
+
+@dataclass
+class Problem:
+    """A model, its data and estimators, built from names by :func:`build_problem`: what compare, sweep, analyze
+    and train work on."""
+
+    model_name: str
+    model: Model
+    estimators: dict[str, Any]
+    dataset: Any | None
+    """The training data (None: the model makes its own)."""
+    held_out: Any | None
+    """The test split of the same dataset, when asked for."""
+    batch_size: int
+    seed: int
+    requested: str
+    """The data as the user named them ('auto' or a dataset)."""
+
+    def batch(self) -> Data:
+        """The batch a comparison measures on, drawn from the seed's DATA and MASK streams."""
+        return _seeded_batch(self.model, self.dataset, self.batch_size, seed=self.seed, requested=self.requested)
+
+    def describe(self, data: Data) -> dict[str, Any]:
+        return {"model": {"name": self.model_name, "config": self.model.config.to_dict()}, "data": data.description}
+
+
+def build_problem(registry: Registry, model_name: str, estimators: Sequence[str] = (), *,
+                  settings: Mapping[str, str] | None = None, model_settings: Mapping[str, str] | None = None,
+                  references: Sequence[str] = (), data: str = "auto", data_dir: str | None = None,
+                  download: bool = True, warn: Callable[[str], None] | None = None, batch_size: int | None = None,
+                  seed: int = 0, dtype: str = "float32", device: str = "cpu", dataset: Any | None = None,
+                  held_out: bool = False) -> Problem:
+    """Names and ``key=value`` settings → a :class:`Problem`, every setting validated before any data are loaded.
+
+    ``settings`` (``--set``) are routed among ``estimators``; ``references`` are built with their defaults (train's
+    reference is not the estimator being tuned). ``dataset`` reuses data already loaded (a sweep, an analysis
+    over model settings); ``held_out`` also loads the test split of the dataset actually used, so that 'auto'
+    neither warns twice nor mixes real and generated data. Every estimator's ``requires`` must hold for the model,
+    and the batch must fit the data and the device.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"{dtype!r} is not valid; valid: {', '.join(DTYPES)}")
+    check_seed(seed)
+    resolve_device(device)
+    model_class = registry.get("model", model_name).factory
+    built = build_estimators(registry, estimators, settings, model_class)
+    built |= {label: build_estimator(registry, label) for label in references if label not in built}
+    model_settings = dict(model_settings or {})
+    check_model_settings(model_class, model_settings, {label: type(e) for label, e in built.items()})
+    if dataset is None:
+        dataset = model_data(registry, model_class, data, model_settings, data_dir=data_dir, download=download,
+                             warn=warn)
+    test = None
+    if held_out and dataset is not None:
+        used = dataset.name if dataset.name in registry.entries["dataset"] else data
+        test = model_data(registry, model_class, used, model_settings, split="test", data_dir=data_dir,
+                          download=download, warn=warn)
+    model = build_model(registry, model_name, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
+                        dataset=dataset)
+    for label, estimator in built.items():
+        check_requires(label, type(estimator), model, model_name)
+    batch_size = model_class.data.batch_size if batch_size is None else batch_size
+    check_batch_size(model, dataset, batch_size, held_out=test)
+    return Problem(model_name=model_name, model=model, estimators=built, dataset=dataset, held_out=test,
+                   batch_size=batch_size, seed=seed, requested=data)
 
 
 def run_comparison(registry: Registry, estimators: Sequence[str], model_name: str, *,
@@ -287,32 +377,16 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
                    dtype: str = "float32", device: str = "cpu", repeats: int = 3, download: bool = True,
                    warn: Callable[[str], None] | None = None, progress: Progress | None = None,
                    dataset: Any | None = None) -> Comparison:
-    """Build everything from names and settings, then :func:`ep_core.harness.compare`.
+    """:func:`build_problem`, then :func:`ep_core.harness.compare` on its seeded batch.
 
     ``dataset`` reuses data already loaded (a sweep loads them once); otherwise ``data`` is loaded here.
     """
-    if dtype not in DTYPES:
-        raise ConfigError("dtype", f"{dtype!r} is not valid; valid: {', '.join(DTYPES)}")
-    check_seed(seed)
-    resolve_device(device)
-    labels = list(dict.fromkeys(estimators))
-    if reference in labels:
-        labels.remove(reference)
-    classes = {label: registry.get("estimator", label).factory for label in [reference, *labels]}
-    model_class = registry.get("model", model_name).factory
-    routed = split_estimator_settings(settings or {}, classes, model_class)
-    built = {label: cls(cls.Config.from_mapping(routed[label])) for label, cls in classes.items()}
-    check_model_settings(model_class, model_settings or {}, classes)  # before the data are loaded
-    if dataset is None:
-        dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download,
-                            warn=warn, shape=None if model_class.data.kind == "synthetic" else
-                            model_class.data.sample_shape(model_class.Config.from_mapping(model_settings or {})))
-    model = build_model(registry, model_name, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
-                        dataset=dataset)
-    for label, cls in classes.items():
-        check_requires(label, cls, model, model_name)
-    prepared = build_batch(model, dataset, batch_size=batch_size, seed=seed, requested=data)
-    meta = {"model": {"name": model_name, "config": model.config.to_dict()}, "data": prepared.description}
-    return compare([(label, built[label]) for label in labels], model, prepared.batch,
-                   reference=(reference, built[reference]), seed=seed, repeats=repeats, meta=meta,
-                   progress=progress)
+    labels = [label for label in dict.fromkeys(estimators) if label != reference]
+    problem = build_problem(registry, model_name, [reference, *labels], settings=settings,
+                            model_settings=model_settings, data=data, data_dir=data_dir, download=download,
+                            warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device, dataset=dataset)
+    built = problem.estimators
+    prepared = problem.batch()
+    return compare([(label, built[label]) for label in labels], problem.model, prepared.batch,
+                   reference=(reference, built[reference]), seed=seed, repeats=repeats,
+                   meta=problem.describe(prepared), progress=progress)

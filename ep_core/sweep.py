@@ -26,7 +26,7 @@ from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
 from ep_core.seeding import check_seed
-from ep_core.session import load_data, run_comparison
+from ep_core.session import model_data, run_comparison
 
 FORMAT = "epx.sweep/1"
 
@@ -235,9 +235,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     sweep = Sweep(spec, axes, [], resumed=sum(p.id in done for p in points))
     dataset = None
     if len(done) < len(points):
-        dataset = load_data(registry, spec.data, spec=model_class.data, data_dir=data_dir, download=download,
-                            warn=warn, shape=None if model_class.data.kind == "synthetic" else
-                            model_class.data.sample_shape(model_class.Config.from_mapping(spec.model_settings)))
+        dataset = model_data(registry, model_class, spec.data, spec.model_settings, data_dir=data_dir,
+                             download=download, warn=warn)
     for index, point in enumerate(points):
         if on_point:
             on_point(index, len(points), point)

@@ -55,10 +55,8 @@ from ep_core.schedule import TrainConfig, learning_rate
 from ep_core.relax import inner, parameter_gradient, relaxation_map
 from ep_core.plugins import Registry
 from ep_core.seeding import (DATA_STREAM, ESTIMATOR_STREAM, EVAL_MASK_STREAM, EVAL_STREAM, MASK_STREAM,
-                             PENALTY_STREAM, PROBE_STREAM, check_seed, generator)
-from ep_core.session import (DTYPES, build_estimator, build_model, check_batch_size, check_model_settings,
-                             check_requires, draw_batch, load_data, resolve_device, samples_in,
-                             split_estimator_settings)
+                             PENALTY_STREAM, PROBE_STREAM, generator)
+from ep_core.session import build_problem, draw_batch, samples_in
 
 RUN_FORMAT = "epx.run/1"
 CHECKPOINT_FORMAT = "epx.checkpoint/1"
@@ -134,35 +132,17 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     The held-out data are the dataset's test split ("test"; for text, the held-out tail). ``reference`` (None:
     no diagnostics) is skipped when it is the estimator being trained.
     """
-    if dtype not in DTYPES:
-        raise ConfigError("dtype", f"{dtype!r} is not valid; valid: {', '.join(DTYPES)}")
-    check_seed(seed)
-    resolve_device(device)
-    rule_class = registry.get("estimator", estimator).factory
     model_class = registry.get("model", model).factory
-    routed = split_estimator_settings(settings or {}, {estimator: rule_class}, model_class)
-    rule = build_estimator(registry, estimator, routed[estimator])
-    exact = build_estimator(registry, reference) if reference not in (None, estimator) else None
     defaults = dict(model_class.training_defaults) if isinstance(model_class, HasTrainingDefaults) else {}
     config = TrainConfig.from_mapping({**defaults, **(train_settings or {})})
-    check_model_settings(model_class, model_settings or {}, {estimator: rule_class})
-    dataset = load_data(registry, data, spec=model_class.data, data_dir=data_dir, download=download, warn=warn,
-                        shape=None if model_class.data.kind == "synthetic" else
-                        model_class.data.sample_shape(model_class.Config.from_mapping(model_settings or {})))
-    held_out = None
-    if dataset is not None:
-        # The dataset actually used, so that 'auto' neither warns twice nor mixes real and generated data.
-        name = dataset.name if dataset.name in registry.entries["dataset"] else data
-        held_out = load_data(registry, name, spec=model_class.data, data_dir=data_dir, download=download, warn=warn,
-                             split="test", shape=model_class.data.sample_shape(
-                                 model_class.Config.from_mapping(model_settings or {})))
-    network = build_model(registry, model, model_settings, seed=seed, dtype=DTYPES[dtype], device=device,
-                          dataset=dataset)
+    exact = reference if reference not in (None, estimator) else None
+    problem = build_problem(registry, model, [estimator], settings=settings, model_settings=model_settings,
+                            references=[exact] if exact else [], data=data, data_dir=data_dir, download=download,
+                            warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device, held_out=True)
+    network, dataset, batch_size = problem.model, problem.dataset, problem.batch_size
     if not any(p.requires_grad for p in network.parameters()):
         raise ConfigError("model", f"{model} has no trainable parameters")
-    check_requires(estimator, type(rule), network, model)
-    batch_size = model_class.data.batch_size if batch_size is None else batch_size
-    check_batch_size(network, dataset, batch_size, held_out=held_out)
+    rule, exact = problem.estimators[estimator], problem.estimators.get(exact)
     steps_per_epoch = None if dataset is None else samples_in(network, dataset) // batch_size
     config = config.resolved(steps_per_epoch)
     frozen = frozen_parameters(network, config.frozen_patterns)
@@ -174,8 +154,8 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
             "batch_size": batch_size, "seed": seed, "dtype": dtype, "device": device,
             "reference": reference if exact is not None else None, "train": config.to_dict()}
     description = dataset.describe() if dataset is not None else {"name": "synthetic"}
-    return Run(model=network, estimator=rule, dataset=dataset, held_out=held_out, batch_size=batch_size, seed=seed,
-               config=config, spec=spec, reference=exact, data_description=description, frozen=frozen,
+    return Run(model=network, estimator=rule, dataset=dataset, held_out=problem.held_out, batch_size=batch_size,
+               seed=seed, config=config, spec=spec, reference=exact, data_description=description, frozen=frozen,
                steps_per_epoch=steps_per_epoch)
 
 
@@ -492,6 +472,7 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
     except EpxError as exc:
         raise EpxError(f"training step {step}: {exc}. If the loss or the residual grew over the previous steps "
                        "(see the log), training has pushed the model out of its stable regime: lower --lr") from exc
+    equilibrium = estimate.equilibrium
     record: dict[str, Any] = {"kind": "train", "step": step, "lr": learning_rate(config, step),
                               "ms": 1000 * (time.perf_counter() - started)}
     broken = [name for name, g in estimate.grads.items() if not bool(torch.isfinite(g).all())]
@@ -499,23 +480,24 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
         raise EpxError(f"step {step}: {type(run.estimator).name} returned non-finite gradients for "
                        f"{', '.join(broken)}; lower --lr or the model's eps")
     with torch.no_grad():
-        record["loss"] = float(model.cost(estimate.fixed_point, batch) if estimate.fixed_point is not None
+        record["loss"] = float(model.cost(equilibrium.state, batch) if equilibrium is not None
                                else model.loss(batch))
-    if "residual" in estimate.stats:
-        record["residual"] = estimate.stats["residual"]
+    if equilibrium is not None:
+        record["residual"] = equilibrium.residual
     if run.reference is not None and config.diagnose_every and (step % config.diagnose_every == 0
                                                                 or step == config.steps):
         exact = run.reference.estimate(model, batch, generator=generator(run.seed, PROBE_STREAM))
         metrics = gradient_metrics(estimate.grads, exact.grads, groups)
         record["diagnostic"] = {"cosine": metrics["cosine"], "groups": metrics["groups"],
-                                "rel_error": metrics["rel_error"], "reference_residual": exact.stats.get("residual")}
-        if estimate.fixed_point is not None:
-            stability = fixed_point_stability(model, batch, estimate.fixed_point,
+                                "rel_error": metrics["rel_error"],
+                                "reference_residual": exact.equilibrium.residual if exact.equilibrium else None}
+        if equilibrium is not None:
+            stability = fixed_point_stability(model, batch, equilibrium.state,
                                               generator=generator(run.seed, PROBE_STREAM))
             record["diagnostic"]["spectral_radius"] = stability["spectral_radius"]
     grads = estimate.grads
-    if config.jacobian_penalty and estimate.fixed_point is not None:
-        penalty_grads, record["jacobian"] = jacobian_penalty(model, batch, estimate.fixed_point,
+    if config.jacobian_penalty and equilibrium is not None:
+        penalty_grads, record["jacobian"] = jacobian_penalty(model, batch, equilibrium.state,
                                                              weight=config.jacobian_penalty,
                                                              generator=generators["penalty"])
         grads = {name: g + penalty_grads[name] for name, g in grads.items()}

@@ -321,3 +321,27 @@ def test_the_harness_counts_force_evaluations_itself():
     assert rows["aep"].force_evals == rows["ep"].force_evals     # the toy declares N: aep evaluates N, not F
     assert rows["aep"].stats["nonconservative_evals"] == 2 * 7 + 1
     assert "force_evals" not in rows["ep"].stats
+
+
+def test_estimate_stats_are_typed():
+    """Stats are a dataclass per estimator, reported by field name; a plain dict is refused where it is made."""
+    from epx_estimators.adjoint import AdjointStats
+
+    from ep_core.harness import compare
+    from ep_core.protocols import EstimateStats, GradientEstimate
+
+    with pytest.raises(TypeError, match="EstimateStats"):
+        GradientEstimate(grads={}, stats={"residual": 0.0})
+    with pytest.raises(TypeError, match="Equilibrium"):
+        GradientEstimate(grads={}, equilibrium=(torch.zeros(1),))
+    model = Toy(ToyConfig(T1=60), generator=torch.Generator().manual_seed(0))
+    batch = model.make_batch(4, generator=torch.Generator().manual_seed(1))
+    estimate = Adjoint(AdjointConfig(Tadj=30)).estimate(model, batch, generator=torch.Generator())
+    assert isinstance(estimate.stats, AdjointStats) and isinstance(estimate.stats, EstimateStats)
+    assert estimate.equilibrium.steps == 60 and estimate.equilibrium.residual < 1e-6
+    rows = {r.label: r for r in compare([("adjoint", Adjoint(AdjointConfig(Tadj=30)))], model, batch,
+                                        reference=("bptt", BPTT()), repeats=1).results}
+    assert set(rows["adjoint"].stats) == {"T1", "vjp_evals", "adjoint_residual"}
+    assert rows["adjoint"].stats["vjp_evals"] == estimate.stats.vjp_evals <= 31
+    assert rows["adjoint"].residual == estimate.equilibrium.residual
+    assert rows["bptt"].stats == {"T1": 60}

@@ -104,10 +104,10 @@ def test_aep_free_phase_equals_eps(problem):
     model, batch = problem
     ep = run_estimate(EP(EP.Config(T2=1)), model, batch)
     aep = run_estimate(AEP(AEP.Config(T2=1)), model, batch)
-    assert ep.fixed_point is not None and aep.fixed_point is not None
-    assert len(ep.fixed_point) == len(aep.fixed_point)
-    assert all(torch.equal(a, b) for a, b in zip(ep.fixed_point, aep.fixed_point))
-    assert ep.stats["residual"] == aep.stats["residual"]
+    assert ep.equilibrium is not None and aep.equilibrium is not None
+    assert len(ep.equilibrium.state) == len(aep.equilibrium.state)
+    assert all(torch.equal(a, b) for a, b in zip(ep.equilibrium.state, aep.equilibrium.state))
+    assert ep.equilibrium.residual == aep.equilibrium.residual
 
 
 def unrolled_cost(model, batch) -> float:

@@ -53,21 +53,19 @@ class Setup:
         self.dataset: Any = None
 
     def build(self, overrides: dict[str, str] | None = None) -> tuple[Any, Data]:
-        """(model, prepared batch) with ``overrides`` on top of the user's settings."""
+        """(model, prepared batch) with ``overrides`` on top of the user's settings; the data are loaded once."""
         from ep_core.protocols import EquilibriumModel
-        from ep_core.session import DTYPES, build_batch, build_model, load_data
+        from ep_core.session import build_problem
 
-        if self.dataset is None and self.model_class.data.kind != "synthetic":
-            self.dataset = load_data(self.registry, self.data, spec=self.model_class.data,
-                                     data_dir=self.data_dir, download=self.download, warn=warn,
-                                     shape=self.model_class.data.sample_shape(self.config))
-        model = build_model(self.registry, self.model_name, {**self.settings, **(overrides or {})},
-                            seed=self.seed, dtype=DTYPES[self.dtype], device=self.device, dataset=self.dataset)
-        if not isinstance(model, EquilibriumModel):
+        problem = build_problem(self.registry, self.model_name, model_settings={**self.settings, **(overrides or {})},
+                                data=self.data, data_dir=self.data_dir, download=self.download, warn=warn,
+                                batch_size=self.batch_size, seed=self.seed, dtype=self.dtype, device=self.device,
+                                dataset=self.dataset)
+        self.dataset = problem.dataset
+        if not isinstance(problem.model, EquilibriumModel):
             raise ConfigError("model", f"{self.model_name} is not an EquilibriumModel (no force to relax); "
                                        "analyze needs one, e.g. cet or toy")
-        return model, build_batch(model, self.dataset, batch_size=self.batch_size, seed=self.seed,
-                                  requested=self.data)
+        return problem.model, problem.batch()
 
     def generator(self) -> torch.Generator:
         from ep_core.seeding import PROBE_STREAM, generator

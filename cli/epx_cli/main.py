@@ -490,7 +490,7 @@ def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, chec
     epx check aep --set clip=1 --examples 25
     """
     use_torch()
-    from ep_core.session import parse_settings, split_estimator_settings
+    from ep_core.session import build_estimators, parse_settings
     from ep_core.testing import CHECK_NAMES, SUITE_VERSION, check_estimator
 
     if suite is not None and suite > SUITE_VERSION:
@@ -500,13 +500,11 @@ def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, chec
     if unknown:
         raise ConfigError("check", f"unknown check(s) {unknown}; valid: {', '.join(CHECK_NAMES)}")
     reg = registry()
-    classes = {name: reg.get("estimator", name).factory for name in dict.fromkeys(names)}
-    routed = split_estimator_settings(parse_settings(settings, "--set"), classes)
+    estimators = build_estimators(reg, names, parse_settings(settings, "--set"))
     reports = []
     log = UnitLog("check")
-    for done, (name, cls) in enumerate(classes.items()):
-        estimator = cls(cls.Config.from_mapping(routed[name]))
-        log.start(name, done, len(classes))
+    for done, (name, estimator) in enumerate(estimators.items()):
+        log.start(name, done, len(estimators))
         with err.status(f"checking {name}: {len(checks) or len(CHECK_NAMES)} checks × {examples} problems"):
             reports.append(check_estimator(estimator, examples=examples, checks=checks or None, suite=suite,
                                            raise_on_failure=False))

@@ -276,7 +276,7 @@ def check_exact_limit(estimator: Any, model: torch.nn.Module, batch: Batch, *, m
     """
     if reference is None:
         reference = run_estimate(BPTT(), model, batch, seed=seed)
-    residual = reference.stats.get("residual")
+    residual = reference.equilibrium.residual if reference.equilibrium is not None else None
     if residual is None or not residual <= CONVERGED_TOL:
         raise ValueError(f"the free phase of this problem has not converged (residual {residual} > "
                          f"{CONVERGED_TOL:g}); an exact limit holds only at a fixed point: raise T1")
@@ -357,7 +357,7 @@ def _run_exact_limit(estimator: Any, data: st.DataObject, context: Context) -> N
     model, batch, seed = _draw_in_limit(estimator, data, context)
     reference = run_estimate(BPTT(), model, batch, seed=seed)
     # Only a converged free phase has an exact limit, and a zero gradient has no direction to compare.
-    assume(reference.stats.get("residual", math.inf) <= CONVERGED_TOL)
+    assume(reference.equilibrium is not None and reference.equilibrium.residual <= CONVERGED_TOL)
     assume(any(bool(g.any()) for g in reference.grads.values()))
     check_exact_limit(estimator, model, batch, min_cosine=context.min_cosine if context.asserts(1) else -math.inf,
                       max_rel_error=context.max_rel_error if context.asserts(_MAGNITUDE_SINCE) else math.inf,

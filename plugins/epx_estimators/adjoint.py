@@ -26,9 +26,17 @@ import torch
 
 from ep_core.config import Config, option
 from ep_core.krylov import gmres
-from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, GradientEstimate
+from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, EstimateStats, GradientEstimate
 from ep_core.relax import (add, cost_gradient, free_phase, inner, is_finite, linearize, norm, parameter_gradient,
                            relaxation_map, sub)
+
+
+@dataclass(frozen=True)
+class AdjointStats(EstimateStats):
+    vjp_evals: int
+    """Products with J_Gᵀ: the solver's, and one for the adjoint's residual."""
+    adjoint_residual: float
+    """||J_Gᵀa + g − a|| / ||a||: how well a solves the adjoint equation."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +83,7 @@ class Adjoint:
         grads = parameter_gradient(model, lambda: inner(a, G(x_star)) + model.cost(x_star, batch))
         return GradientEstimate(
             grads=grads,
-            stats={"residual": equilibrium.residual, "T1": equilibrium.steps,
-                   "vjp_evals": applications + 1,
-                   "adjoint_residual": adjoint_residual},
-            fixed_point=x_star,
+            equilibrium=equilibrium,
+            stats=AdjointStats(vjp_evals=applications + 1, adjoint_residual=adjoint_residual),
         )
 

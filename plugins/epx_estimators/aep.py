@@ -34,8 +34,15 @@ from typing import ClassVar
 import torch
 
 from ep_core.config import Config, option
-from ep_core.protocols import Batch, DeclaresNonconservative, EquilibriumModel, GradientEstimate, State
-from ep_core.relax import Equilibrium, contrast, force_pairing, free_phase, linearize, norm, scale, sub
+from ep_core.protocols import (Batch, DeclaresNonconservative, Equilibrium, EquilibriumModel, EstimateStats,
+                               GradientEstimate, State)
+from ep_core.relax import contrast, force_pairing, free_phase, linearize, norm, scale, sub
+
+
+@dataclass(frozen=True)
+class AEPStats(EstimateStats):
+    vjp_evals: int
+    """Vector-Jacobian products of the non-conservative part: one per nudged step."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class AEP:
         nudged_steps = cfg.T2 * (2 if cfg.centered else 1)
         return GradientEstimate(
             grads=force_pairing(model, batch, equilibrium.state, a),
-            stats={"residual": equilibrium.residual, "T1": equilibrium.steps, "vjp_evals": nudged_steps},
-            fixed_point=equilibrium.state,
+            equilibrium=equilibrium,
+            stats=AEPStats(vjp_evals=nudged_steps),
         )
 

@@ -49,7 +49,6 @@ class EP:
         a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered)
         return GradientEstimate(
             grads=force_pairing(model, batch, equilibrium.state, a),
-            stats={"residual": equilibrium.residual, "T1": equilibrium.steps},
-            fixed_point=equilibrium.state,
+            equilibrium=equilibrium,
         )
 

@@ -70,7 +70,7 @@ def test_error_to_bptt_shrinks_with_k(problems):
     errors = []
     for model, batch in problems:
         reference = run_estimate(BPTT(), model, batch)
-        assume(reference.stats["residual"] < 1e-8)
+        assume(reference.equilibrium.residual < 1e-8)
         errors.append([relative_error(run_estimate(Phantom(Phantom.Config(steps=k)), model, batch).grads,
                                       reference.grads) for k in (1, 4, 16, 64)])
     mean = torch.tensor(errors).mean(dim=0)

@@ -63,8 +63,4 @@ class Phantom:
             return model.cost(x, batch)
 
         grads = parameter_gradient(model, cost_after_k_steps)
-        return GradientEstimate(
-            grads=grads,
-            stats={"residual": equilibrium.residual, "T1": equilibrium.steps},
-            fixed_point=x_star,
-        )
+        return GradientEstimate(grads=grads, equilibrium=equilibrium)

@@ -53,7 +53,10 @@ class DataSpec:
     model accepts with that config (C, H, W for images; (context,) for text: the window length a batch needs).
     ``datasets``: the real datasets ``--data auto`` tries, in order, before the generated ``sample`` (which is
     made in ``shape``). ``batch_size``: the default. ``from_data(dataset)``: config values the data imply
-    (lm's vocabulary), applied under the user's own settings.
+    (lm's vocabulary), applied under the user's own settings. ``normalize``: image inputs are standardised per
+    channel, (x − mean) / std, with the dataset's published training-set statistics (its ``normalization``), as
+    seed 004's ``transforms.Normalize`` does; otherwise, and for a dataset without statistics (the generated
+    sample), they stay in [0, 1].
     """
 
     kind: str
@@ -61,6 +64,7 @@ class DataSpec:
     datasets: tuple[str, ...] = ()
     batch_size: int = 32
     from_data: Callable[[Any], Mapping[str, Any]] = _no_settings
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:

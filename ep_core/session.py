@@ -270,7 +270,8 @@ def draw_batch(model, dataset: Any | None, batch_size: int, *, data: torch.Gener
             raise ConfigError("augment", "augmentation is for images; text windows have none")
         inputs, targets = dataset.batch(batch_size, context=model.data.sample_shape(model.config)[0], generator=data)
     else:
-        inputs, targets = dataset.batch(batch_size, generator=data, dtype=parameter.dtype, augment=augment)
+        inputs, targets = dataset.batch(batch_size, generator=data, dtype=parameter.dtype, augment=augment,
+                                        normalize=model.data.normalize)
     batch = model.prepare_batch(inputs, targets, generator=mask)
     return {k: v.to(parameter.device) for k, v in batch.items()}
 
@@ -289,7 +290,9 @@ def _seeded_batch(model, dataset: Any | None, batch_size: int, *, seed: int, req
     if dataset is None:
         return Data(batch, {"name": "synthetic", "source": f"{type(model).__name__}.make_batch",
                             "batch_size": batch_size})
-    return Data(batch, {**dataset.describe(), "requested": requested, "batch_size": batch_size})
+    description = dataset.describe()
+    normalized = model.data.normalize and "normalization" in description
+    return Data(batch, {**description, "requested": requested, "batch_size": batch_size, "normalized": normalized})
 
 
 def model_data(registry: Registry, model_class: type, data: str = "auto",

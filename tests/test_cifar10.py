@@ -297,17 +297,19 @@ def train(made, isolated) -> ImageDataset:
     return load_cifar10("train", data_dir=isolated / "root", download=False, verify=False)
 
 
-def test_normalisation_is_seed_004s_and_applied_by_batch(train):
+def test_normalisation_is_seed_004s_and_applied_by_batch_when_asked(train):
     assert train.normalization == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-    x, y = train.batch(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, y = train.batch(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64, normalize=True)
     idx = torch.randperm(train.n, generator=torch.Generator().manual_seed(0))[:16]
     assert torch.equal(y, train.labels[idx])
     raw = train.images[idx].double() / 255
     for c, (mean, std) in enumerate(zip(*train.normalization)):
         torch.testing.assert_close(x[:, c], (raw[:, c] - mean) / std, rtol=0, atol=1e-12)
-    # Other datasets are unchanged: without a normalization the batch stays in [0, 1].
+    # Not asked, or without a normalization, the batch stays in [0, 1].
+    unasked, _ = train.batch(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(unasked, raw)
     plain = ImageDataset("plain", train.images, train.labels, "generated", 10)
-    x_plain, _ = plain.batch(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_plain, _ = plain.batch(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64, normalize=True)
     assert torch.equal(x_plain, raw)
 
 
@@ -332,7 +334,8 @@ def test_augmentation_is_seeded_and_only_uses_the_generator(train):
 def test_augmentation_crops_the_zero_padded_image_and_flips_it(train):
     pad = AUGMENT_PADDING
     assert pad == 4
-    x, _ = train.batch(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64, augment=True)
+    x, _ = train.batch(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64, augment=True,
+                       normalize=True)
     idx = torch.randperm(train.n, generator=torch.Generator().manual_seed(1))[:64]
     got = _unnormalised(train, x)
     padded = torch.nn.functional.pad(train.images[idx], (pad, pad, pad, pad))

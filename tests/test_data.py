@@ -91,7 +91,8 @@ def test_load_fashion_mnist_real_verifies_and_describes(isolated):
     assert ds.labels.dtype == torch.int64
     assert ds.source == str(REAL_DIR / "t10k-images-idx3-ubyte.gz")
     d = ds.describe()
-    assert d == {"name": "fashionmnist", "source": ds.source, "n": 10000, "shape": [1, 28, 28], "classes": 10}
+    assert d == {"name": "fashionmnist", "source": ds.source, "n": 10000, "shape": [1, 28, 28], "classes": 10,
+                 "normalization": {"mean": [0.2860], "std": [0.3530]}}
     json.dumps(d)
     x, y = ds.batch(32, generator=torch.Generator().manual_seed(0))
     assert x.shape == (32, 1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0

@@ -187,3 +187,25 @@ def test_an_exploded_stream_makes_the_comparison_not_meaningful():
 def test_info_says_which_estimators_keep_state(epx):
     assert "state: kept between estimates" in " ".join(epx("info", "dfa").stdout.split())
     assert "state:" not in epx("info", "aep").stdout
+
+
+def test_resmlp_standardises_its_inputs_with_the_training_statistics_and_cet_does_not(real_data_dir):
+    """Seed 004's transforms.Normalize: resmlp's batches of Fashion-MNIST have mean ≈ 0 and std ≈ 1 per channel;
+    cet's stay in [0, 1]; the comparison records which."""
+    from ep_core.plugins import load
+    from ep_core.seeding import DATA_STREAM, MASK_STREAM, generator
+    from ep_core.session import build_model, draw_batch, load_data, run_comparison
+
+    registry = load()
+    data = load_data(registry, "fashionmnist", spec=ResMLP.data, data_dir=str(real_data_dir))
+    model = build_model(registry, "resmlp", dataset=data)
+    x = draw_batch(model, data, 8192, data=generator(0, DATA_STREAM), mask=generator(0, MASK_STREAM))["inputs"]
+    assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02
+    raw, _ = data.batch(8192, generator=generator(0, DATA_STREAM))
+    assert 0 <= float(raw.min()) and float(raw.max()) <= 1
+    torch.testing.assert_close(x, ((raw - 0.2860) / 0.3530).flatten(1), rtol=0, atol=1e-6)
+    for name, expected in (("resmlp", True), ("cet", False)):
+        described = run_comparison(registry, ["backprop"], name, reference="backprop", data="fashionmnist",
+                                   data_dir=str(real_data_dir), batch_size=8, repeats=1).meta["data"]
+        assert described["normalized"] is expected
+        assert described["normalization"] == {"mean": [0.2860], "std": [0.3530]}

@@ -19,8 +19,9 @@ channel-major (the red plane, then green, then blue, each row by row). A file th
 ChecksumError or FileFormatError naming it, never a reason to fall back to the sample.
 
 Seed 004's preprocessing comes with the data: the dataset's ``normalization`` (per-channel mean and std of the
-training images) is applied by every batch, and ``batch(..., augment=True)`` adds the training augmentation
-(random crop with 4-pixel zero padding, random horizontal flip).
+training images) standardises the batches of a model that asks for it (``DataSpec.normalize``: resmlp), and
+``batch(..., augment=True)`` adds the training augmentation (random crop with 4-pixel zero padding, random
+horizontal flip).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ generated ``sample`` images.
 
 :class:`ImageDataset` holds uint8 N×C×H×W images and int64 labels in memory. Its ``batch`` draws a random subset
 from a caller's generator, scales it to [0, 1], optionally augments it (seed 004's random crop with zero padding
-and horizontal flip) and applies the dataset's own per-channel ``normalization`` if it has one (CIFAR-10 does;
-Fashion-MNIST and the sample do not, so their batches stay in [0, 1]).
+and horizontal flip) and, when asked (``normalize=True``: a model whose DataSpec says so, resmlp), standardises
+it with the dataset's per-channel ``normalization`` (CIFAR-10's and Fashion-MNIST's published training-set
+statistics; the sample has none and stays in [0, 1]).
 
 :func:`make_sample` draws 10 classes of shapes (bars, rings, discs, ...) in any C×H×W: the shapes are laid out on
 a 28×28 frame stretched over the image, so 1×28×28 (the default) is the set cet was measured on, bit for bit.
@@ -59,7 +60,8 @@ class ImageDataset:
 
     ``images`` is uint8 N×C×H×W (0..255), ``labels`` is int64 N in ``[0, classes)``. ``source`` is the file
     the images were read from, the URL they were downloaded from, or ``"generated"``. ``normalization``, if
-    given, is (mean, std) per channel in [0, 1] units, applied by :meth:`batch` as (x − mean) / std.
+    given, is (mean, std) per channel in [0, 1] units, applied by :meth:`batch` as (x − mean) / std when it is
+    asked to normalise.
     """
 
     kind: ClassVar[str] = "images"
@@ -111,9 +113,10 @@ class ImageDataset:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         augment: bool = False,
+        normalize: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random subset without replacement: images in ``dtype``, scaled to [0, 1] and then normalised if the
-        dataset has a ``normalization``; int64 labels.
+        """A random subset without replacement: images in ``dtype``, scaled to [0, 1] and, with ``normalize``,
+        standardised with the dataset's ``normalization`` if it has one; int64 labels.
 
         ``augment``: each image is padded with AUGMENT_PADDING zero pixels on every side, cropped back to its size
         at a random offset and flipped left-right with probability 1/2 (seed 004's training augmentation; the
@@ -134,7 +137,7 @@ class ImageDataset:
             images = _crop_and_flip(images, generator)
         # Move uint8 before converting: a quarter of the bytes of a float32 copy cross the bus.
         x = images.to(device=device).to(dtype).div_(255)
-        if self.normalization is not None:
+        if normalize and self.normalization is not None:
             mean, std = (torch.tensor(v, dtype=dtype, device=x.device).view(1, -1, 1, 1) for v in self.normalization)
             x = x.sub_(mean).div_(std)
         y = self.labels[idx].to(device=device)

@@ -8,7 +8,9 @@ An input x (an image, flattened to C·H·W numbers) is embedded, passed through 
     loss = cross-entropy(logits, y), mean over the batch
 
 The input size and the number of classes come from the data (3×32×32 and 10 for CIFAR-10, 1×28×28 and 10 for
-Fashion-MNIST). Parameters are drawn from the generator with PyTorch's default Linear initialisation (uniform
+Fashion-MNIST); the inputs are standardised per channel with the dataset's training-set mean and std, as seed
+004's ``transforms.Normalize`` does (``DataSpec.normalize``).
+Parameters are drawn from the generator with PyTorch's default Linear initialisation (uniform
 in ±1/√fan_in), LayerNorm weights 1 and biases 0. Groups: ``embed``, ``block0`` … ``block{L-1}``, ``readout``.
 """
 
@@ -76,7 +78,7 @@ class ResMLP(nn.Module):
     Config: ClassVar[type[Config]] = ResMLPConfig
     data: ClassVar[DataSpec] = DataSpec(kind="images", shape=lambda cfg: (cfg.channels, cfg.image, cfg.image),
                                         datasets=("cifar10", "fashionmnist"), batch_size=128,
-                                        from_data=_image_settings)
+                                        from_data=_image_settings, normalize=True)
     # Seed 004's AdamW: lr 1e-3 with a cosine decay to 0 over the run and no warm-up (its weight decay, 0.01, and
     # its clipping at norm 1 per block are epx's defaults already).
     training_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "warmup": 0, "min_lr": 0.0}

@@ -18,11 +18,11 @@ import json
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from runner import train_two_at_a_time
 
 from ep_core.files import write_atomic
 
@@ -55,24 +55,16 @@ def train_args(condition: str, seed: int, epochs: int) -> list[str]:
 def run_all(epochs: int, seeds: int) -> dict[tuple[str, int], list[dict[str, Any]]]:
     """Every (condition, seed) run, two at a time; returns each run's log records."""
     wanted = [(condition, seed) for seed in range(seeds) for condition in CONDITIONS]
-    missing = [key for key in wanted if not (DATA / folder(*key) / "log.jsonl").exists()]
-    scratch = Path(tempfile.mkdtemp(prefix="epx-resmlp-"))
-    running: list[tuple[tuple[str, int], subprocess.Popen]] = []
-    while missing or running:
-        while missing and len(running) < 2:
-            key = missing.pop(0)
-            args = [*train_args(key[0], key[1], epochs), "--out", str(scratch / folder(*key))]
-            print("$ epx " + shlex.join(args), file=sys.stderr, flush=True)
-            running.append((key, subprocess.Popen([sys.executable, "-m", "epx_cli", *args],
-                                                  stdout=subprocess.DEVNULL)))
-        key, process = running.pop(0)
-        if process.wait() != 0:
-            raise SystemExit(f"{folder(*key)} exited {process.returncode}")
-        target = DATA / folder(*key)
+    missing = {folder(*key): train_args(*key, epochs) for key in wanted
+               if not (DATA / folder(*key) / "log.jsonl").exists()}
+
+    def keep(name: str, run: Path) -> None:
+        target = DATA / name
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(scratch / folder(*key) / "run.json", target / "run.json")
-        write_atomic(target / "log.jsonl", "".join(line + "\n" for line in kept(scratch / folder(*key) / "log.jsonl")))
-    shutil.rmtree(scratch)
+        shutil.copyfile(run / "run.json", target / "run.json")
+        write_atomic(target / "log.jsonl", "".join(line + "\n" for line in kept(run / "log.jsonl")))
+
+    train_two_at_a_time(missing, keep, prefix="epx-resmlp-")
     logs = {}
     for key in wanted:
         run = json.loads((DATA / folder(*key) / "run.json").read_text())

@@ -1,11 +1,12 @@
 """Milliseconds per gradient of every estimator on a model's defaults, measured in one run, reported as ratios.
 
-    python benchmarks/cost.py [--model cet|resmlp] [--device cpu] [--repeats 7] [--model-set k=v ...] [--out FILE]
+    python benchmarks/cost.py [--model cet|resmlp|localgpt] [--device cpu] [--repeats 7] [--model-set k=v ...] [--out FILE]
 
 Each estimator gets one warm-up and then ``repeats`` timed runs, interleaved round-robin so that a change in
 machine load affects all estimators alike; the median is reported. On cet the estimators are bptt, ep, aep and
 adjoint, as ratios to ep, and it exits 3 if aep costs more than 1.5x ep; on resmlp they are backprop and dfa,
-and it exits 3 if dfa costs more than 1.5x backprop.
+and it exits 3 if dfa costs more than 1.5x backprop; on localgpt backprop and fa (random feedback, exact
+LayerNorms), and it exits 3 if fa costs more than 1.3x backprop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ep_core.session import build_batch, build_estimator, build_model, load_data
 
 # model: (estimators, the one the others are divided by, the one whose ratio is bounded, the bound)
 PRESETS = {"cet": (("bptt", "ep", "aep", "adjoint"), "ep", "aep", 1.5),
-           "resmlp": (("backprop", "dfa"), "backprop", "dfa", 1.5)}
+           "resmlp": (("backprop", "dfa"), "backprop", "dfa", 1.5),
+           "localgpt": (("backprop", "fa"), "backprop", "fa", 1.3)}
 
 
 def main() -> int:

@@ -26,6 +26,8 @@ def register_models(register):
              summary="tiny Hopfield network, conservative=True|False, for property tests")
     register("resmlp", "ep_core.models.resmlp:ResMLP",
              summary="residual MLP classifier (embed, L blocks LN→Linear→GELU→Linear, norm, head); seed 004's model")
+    register("localgpt", "ep_core.models.localgpt:LocalGPT",
+             summary="nanoGPT-shaped character GPT of local layers (attn=softmax|sigmoid); seed 003's model")
 
 
 @hookimpl

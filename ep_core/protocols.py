@@ -19,11 +19,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from ep_core.config import Config
-from ep_core.errors import ConfigError, DivergenceError, EpxError
+from ep_core.errors import ConfigError, DivergenceError, EpxError, FileFormatError
 
-__all__ = ["Batch", "DataSpec", "Dataset", "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError",
-           "Equilibrium", "EquilibriumModel", "EstimateStats", "Estimator", "GradientEstimate", "HasMetrics",
-           "HasTrainingDefaults", "Model", "NamedState", "ResidualModel", "State", "StatefulEstimator", "SyntheticData"]
+__all__ = ["Batch", "ChoosesBackwardRules", "DataSpec", "Dataset", "DeclaresNonconservative", "DivergenceError",
+           "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel", "EstimateStats", "Estimator", "GradientEstimate",
+           "HasMetrics", "HasTrainingDefaults", "LocalModel", "Model", "NamedState", "ResidualModel", "State",
+           "StatefulEstimator", "SyntheticData", "matching_state"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -79,6 +80,19 @@ class DataSpec:
 
     def config_from_data(self, dataset: Any | None) -> dict[str, Any]:
         return {} if dataset is None else dict(self.from_data(dataset))
+
+    def check_tokens(self, model: str, config: Any, inputs: torch.Tensor, targets: torch.Tensor, *,
+                     vocab: int) -> None:
+        """A ConfigError unless ``inputs`` and ``targets`` are (B, T) token ids below ``vocab``, T at most the
+        context ``config`` gives the model."""
+        context = self.sample_shape(config)[0]
+        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.shape[1] > context:
+            raise ConfigError("context", f"{model} expects (B, T) token ids with T <= context={context} and targets "
+                                         f"of the same shape, got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+        largest = max(int(inputs.max()), int(targets.max()))
+        if largest >= vocab:
+            raise ConfigError("vocab", f"token id {largest} does not fit vocab={vocab}; leave vocab unset to take "
+                                       "it from the dataset")
 
     def check_images(self, model: str, config: Any, inputs: torch.Tensor) -> None:
         """A ConfigError unless ``inputs`` is a batch of images of the shape ``config`` makes the model take."""
@@ -153,6 +167,19 @@ class ResidualModel(Model, Protocol):
     def readout(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def forward_hidden(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+
+
+@runtime_checkable
+class LocalModel(Model, Protocol):
+    """A feed-forward network built from :mod:`ep_core.local` layers, whose backward pass the estimator chooses:
+    ``local_loss(batch, rules)`` is the loss computed under ``rules`` (an :class:`ep_core.local.BackwardRules`:
+    feedback matrices by Linear name, a backward rule by LayerNorm name), so ``loss(batch)`` is
+    ``local_loss(batch, EXACT)``; ``local_layers()`` gives its local layers by name (``blocks.0.ln_1``), in
+    module order. The model is never changed by the rules."""
+
+    def local_loss(self, batch: Batch, rules: Any) -> torch.Tensor: ...
+
+    def local_layers(self) -> Mapping[str, torch.nn.Module]: ...
 
 
 @runtime_checkable
@@ -253,6 +280,29 @@ class Estimator(Protocol):
     config: Config
 
     def estimate(self, model: Any, batch: Batch, *, generator: torch.Generator) -> GradientEstimate: ...
+
+
+def matching_state(owner: str, expected: Mapping[str, torch.Tensor],
+                   given: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``given`` as tensors on the dtype and device of ``expected``, once it has exactly its keys and shapes; a
+    FileFormatError naming ``owner`` otherwise (a checkpoint of another model or estimator)."""
+    if set(given) != set(expected):
+        raise FileFormatError(f"{owner} state", f"has {sorted(given)}, expected {sorted(expected)}")
+    for key, tensor in expected.items():
+        value = given[key]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            raise FileFormatError(f"{owner} state", f"{key} is {getattr(value, 'shape', type(value).__name__)}, "
+                                                    f"expected {tuple(tensor.shape)}")
+    return {key: given[key].to(tensor) for key, tensor in expected.items()}
+
+
+@runtime_checkable
+class ChoosesBackwardRules(Protocol):
+    """An estimator for a :class:`LocalModel` whose gradient is the model's ``local_loss`` differentiated under
+    backward rules it chooses (fa): ``backward_rules(model)`` gives them, so that an analysis can run the same
+    backward pass and watch it (``epx analyze layernorm``)."""
+
+    def backward_rules(self, model: Any) -> Any: ...
 
 
 @runtime_checkable

@@ -256,6 +256,17 @@ def test_sigkill_during_dfa_training_then_resume_restores_parameters_and_feedbac
             assert torch.equal(tensor, resumed[part][name]), (part, name)
 
 
+def test_sigkill_during_fa_training_then_resume_restores_parameters_and_feedback_bitwise(tmp_path):
+    common = ["train", "fa", "--model", "localgpt", "--data", "sample", "--model-set", "layers=1", "--model-set",
+              "width=16", "--model-set", "context=16", "--batch-size", "8", "--set", "ln=center_scale", "--steps",
+              "40", "--checkpoint-every", "5", "--eval-every", "10", "--diagnose-every", "0"]
+    whole, resumed = kill_then_resume(common, tmp_path, ["train", "--resume"])
+    assert "lm_head" in whole["estimator"] and "blocks.0.attn.c_attn" in whole["estimator"]
+    for part in ("model", "estimator"):
+        for name, tensor in whole[part].items():
+            assert torch.equal(tensor, resumed[part][name]), (part, name)
+
+
 def test_augmentation_is_seeded_and_changes_the_training_batches():
     def final(augment: str) -> dict[str, torch.Tensor]:
         run = build_run(load(), "backprop", "resmlp", model_settings=RESMLP, data="sample", batch_size=32,

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from ep_core.config import ConfigError
 from epx_cli.main import (HandledGroup, OutputPath, UnitLog, apply_options, check_device, emit, err,
-                          model_data_options, out, registry, warn, wide_option)
+                          model_data_options, out, registry, warn, wide_option, write_output)
 from epx_cli.render import Stacked, colour_legend, fmt_number
 
 if TYPE_CHECKING:
@@ -237,3 +237,114 @@ def fixed_point(model_name: str, model_settings: tuple[str, ...], data: str, dat
     show(result, heading("fixed-point diagnosis", result), table, [diagnosis["advice"]], as_json, out_file, wide,
          keys=1, colours=f"red for a residual above {tol:.0e}, ρ ≥ 1 (the dynamics expand) or any verdict but "
                          f"{CONVERGED}; green for ρ < 1 and {CONVERGED}")
+
+
+LAYERNORM_FORMAT = "epx.analysis.layernorm/1"
+
+
+@analyze.command()
+@click.option("--model", "-m", "model_name", default="localgpt", show_default=True,
+              help="A LocalModel (see `epx list models`).")
+@click.option("--estimator", default="fa", show_default=True,
+              help="The estimator trained with, whose backward pass is decomposed (it must choose backward rules).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Estimator option, e.g. mode=sign, ln=center_scale.")
+@click.option("--model-set", "model_settings", multiple=True, metavar="KEY=VALUE",
+              help="Model option, e.g. layers=2 (attn comes from --attn).")
+@click.option("--attn", default="softmax", show_default=True, metavar="KIND[,KIND]",
+              help="Attention kinds to study, one training run each: softmax, sigmoid or softmax,sigmoid.")
+@click.option("--steps", default=250, show_default=True, type=click.IntRange(min=1),
+              help="Training steps before the diagnostic batch (seed 003: 250, AdamW lr 1e-3, constant).")
+@click.option("--data", default="auto", show_default=True, help="Text dataset; 'auto': tiny Shakespeare if found.")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Where to look for data first (then $EPX_DATA_DIR, ~/.cache/epx).")
+@click.option("--no-download", is_flag=True, help="Never try to download data.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Windows per training batch and in the diagnostic batch.")
+@click.option("--seed", default=1337, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Seeds initialisation, data, feedback matrices and the diagnostic batch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--out", "out_file", type=OutputPath(), default=None,
+              help="Also write the result as JSON to this file (atomically).")
+@click.option("--plot", "plot_file", type=OutputPath(), default=None,
+              help="Write a PNG: energy fractions and cosines per LayerNorm (needs matplotlib).")
+@wide_option
+def layernorm(model_name: str, estimator: str, settings: tuple[str, ...], model_settings: tuple[str, ...],
+              attn: str, steps: int, data: str, data_dir: str | None, no_download: bool, batch_size: int,
+              seed: int, device: str, dtype: str, as_json: bool, out_file: Path | None, plot_file: Path | None,
+              wide: bool) -> None:
+    """How much each part of LayerNorm's backward matters (seed 003): train, then decompose at every LayerNorm.
+
+    After --steps of training with ESTIMATOR, one backward pass of it on a diagnostic batch: at each LayerNorm,
+    the fractions of ||g||² (g = ∂L/∂z) in the mean and radial components that the exact backward removes, σ's
+    mean and std, and the cosine of each surrogate (center_scale, projected, identity) to the exact backward;
+    then the average over the LayerNorms.
+
+    \b
+    epx analyze layernorm --model localgpt --attn softmax,sigmoid
+    epx analyze layernorm --set mode=sign --steps 500 --plot ln.png
+    """
+    from ep_core.harness import environment
+    from ep_core.layernorm_study import COLUMNS, layernorm_study
+    from ep_core.local import ATTENTION_KINDS
+    from ep_core.session import parse_settings
+
+    check_device(device)
+    kinds = parse_values(attn, "--attn")
+    unknown = [k for k in kinds if k not in ATTENTION_KINDS]
+    if unknown:
+        raise ConfigError("--attn", f"unknown attention {', '.join(unknown)}; valid: {', '.join(ATTENTION_KINDS)}")
+    parsed_model = parse_settings(model_settings, "--model-set")
+    if "attn" in parsed_model:
+        raise ConfigError("--model-set attn", "give the attention with --attn (it may list both kinds)")
+    if plot_file is not None:
+        from epx_cli.plot import require_matplotlib
+
+        require_matplotlib()
+    log = UnitLog("layernorm")
+    with err.status("starting") as status:
+        started: list[str] = []
+
+        def on_record(kind: str, record: dict[str, Any]) -> None:
+            if kind not in started:
+                log.start(f"attn={kind}", len(started), len(kinds))
+                started.append(kind)
+            if record["kind"] == "train":
+                status.update(f"attn={kind}: step {record['step']}/{steps} · loss {record['loss']:.4f}")
+
+        study = layernorm_study(registry(), estimator, model_name, attn=kinds, steps=steps,
+                                settings=parse_settings(settings, "--set"), model_settings=parsed_model, data=data,
+                                data_dir=data_dir, download=not no_download, warn=warn, batch_size=batch_size,
+                                seed=seed, dtype=dtype, device=device, on_record=on_record)
+        log.finish()
+    result = {"format": LAYERNORM_FORMAT, **study, "dtype": dtype, "device": device, "environment": environment()}
+    renderables: list[Any] = []
+    headers = {"r_mean": "r_mean", "r_radial": "r_radial", "sigma_mean": "σ mean", "sigma_std": "σ std",
+               "cos_center_scale": "cos center_scale", "cos_identity": "cos identity",
+               "batch_cos_center_scale": "batch cos center_scale", "batch_cos_projected": "batch cos projected",
+               "batch_cos_identity": "batch cos identity"}
+    for kind, run in study["runs"].items():
+        table = Table(header_style="bold", title_justify="left")
+        config = run["spec"]["estimator"]["config"]
+        loss = "n/a" if run["val_loss"] is None else f"{run['val_loss']:.4f}"
+        table.title = (f"attn={kind}: {estimator} ({', '.join(f'{k}={v}' for k, v in config.items() if v != '')}) "
+                       f"after {steps} steps, val loss {loss} · {run['data']['name']} · seed {seed}")
+        table.add_column("LayerNorm")
+        for key in COLUMNS:
+            table.add_column(headers[key], justify="right")
+        for name, row in [*run["layers"].items(), ("average", run["average"])]:
+            cells = [fmt_number(row[key], ".3f" if key.startswith("sigma") else ".4f") for key in COLUMNS]
+            table.add_row(Text(name, style="bold" if name == "average" else ""), *cells)
+        renderables.append(Stacked(table, keys=1))
+    notes = ["r_mean, r_radial: fractions of ||g||² (g = ∂L/∂z at the LayerNorm) in the mean and radial components "
+             "the exact backward removes · cos: mean over positions of the cosine of a surrogate's input gradient "
+             "to the exact one (seed 003's; projected's is 1 by construction) · batch cos: the cosine over the whole "
+             "batch, which sees how σ weighs the positions"]
+    with out.natural_width(wide):
+        emit(result, renderables, notes, as_json=as_json, out_file=out_file)
+    if plot_file is not None:
+        from epx_cli.plot import plot_layernorm
+
+        write_output(plot_file, lambda path: plot_layernorm(result, path))

@@ -167,3 +167,31 @@ def save_png(fig: Any, path: Path) -> None:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
+
+
+def plot_layernorm(result: dict[str, Any], path: Path) -> None:
+    """`epx analyze layernorm`: per LayerNorm, the energy fractions (bars) and the surrogates' cosines to the exact
+    backward (lines), one panel per attention kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False, sharey=True)
+    for axis, (kind, run) in zip(axes[0], runs.items()):
+        names = list(run["layers"])
+        positions = range(len(names))
+        for offset, (key, label) in zip((-0.2, 0.2), (("r_mean", "r_mean"), ("r_radial", "r_radial"))):
+            axis.bar([p + offset for p in positions], [run["layers"][n][key] for n in names], width=0.4,
+                     alpha=0.5, label=label)
+        for key in ("batch_cos_center_scale", "batch_cos_projected", "batch_cos_identity"):
+            axis.plot(list(positions), [run["layers"][n][key] for n in names], marker="o", markersize=3,
+                      label=key.removeprefix("batch_cos_") + " (batch cosine)")
+        axis.set_xticks(list(positions), names, rotation=45, ha="right", fontsize="small")
+        axis.set_title(f"attn={kind} after {result['steps']} steps of {result['estimator']}", fontsize="medium")
+        axis.set_ylim(0, 1.05)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of ||g||² · cosine to the exact backward")
+    axes[0][-1].legend(fontsize="small")
+    save_png(fig, path)

@@ -38,9 +38,9 @@ from ep_core.errors import ChecksumError, FileFormatError
 #: Mean and standard deviation of the 60000 training images, in [0, 1] units (one channel).
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 
-__all__ = ["FASHION_MNIST_FILES", "FASHION_MNIST_MEAN", "FASHION_MNIST_RAW_SHA256", "FASHION_MNIST_STD", "FASHION_MNIST_SHA256", "FASHION_MNIST_SIZES",
-           "SYSTEM_DATA_DIRS", "dataset", "download_fashion_mnist", "fashion_mnist_search_path",
-           "find_fashion_mnist", "load_fashion_mnist"]
+__all__ = ["FASHION_MNIST_FILES", "FASHION_MNIST_MEAN", "FASHION_MNIST_RAW_SHA256", "FASHION_MNIST_SHA256",
+           "FASHION_MNIST_SIZES", "FASHION_MNIST_STD", "SYSTEM_DATA_DIRS", "dataset", "download_fashion_mnist",
+           "fashion_mnist_search_path", "find_fashion_mnist", "load_fashion_mnist"]
 
 #: split -> (images file, labels file), as published (gzip'd names).
 FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {

@@ -112,14 +112,7 @@ class LM(nn.Module):
         return unrolled_loss(self, batch)
 
     def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
-        cfg = self.config
-        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.shape[1] > cfg.context:
-            raise ConfigError("context", f"lm expects (B, T) token ids with T <= context={cfg.context} and "
-                                         f"targets of the same shape, got {tuple(inputs.shape)} and "
-                                         f"{tuple(targets.shape)}")
-        if int(inputs.max()) >= cfg.vocab or int(targets.max()) >= cfg.vocab:
-            raise ConfigError("vocab", f"token id {max(int(inputs.max()), int(targets.max()))} does not fit "
-                                       f"vocab={cfg.vocab}; leave vocab unset to take it from the dataset")
+        self.data.check_tokens("lm", self.config, inputs, targets, vocab=self.config.vocab)
         device = self.W_head.device
         return {"tokens": inputs.to(device), "targets": targets.to(device)}
 

@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from hypothesis import strategies as st
 
 from ep_core.config import Config
+from ep_core.models.localgpt import LocalGPT, LocalGPTConfig
 from ep_core.models.resmlp import ResMLP, ResMLPConfig
 from ep_core.models.toy import Toy, ToyConfig
 from ep_core.protocols import Batch, EquilibriumModel, SyntheticData
@@ -43,36 +45,45 @@ EPS = 0.2
 
 
 @dataclass(frozen=True, repr=False, eq=False)
-class ToyProblem:
-    """A toy model and a batch for it, plus the config and seeds that rebuild both."""
+class Problem:
+    """A model and a batch for it, plus the config and seeds that rebuild both (``make``)."""
 
-    model: Toy
+    model: Any
     batch: Batch
-    config: ToyConfig
+    config: Any
     init_seed: int
     batch_size: int
     batch_seed: int
     dtype: torch.dtype = torch.float64
 
-    @property
-    def conservative(self) -> bool:
-        return self.config.conservative
+    make: ClassVar[Callable[..., Problem]]
+    """The function that built it: ``make(config, init_seed=, batch_size=, batch_seed=, dtype=)``."""
+    conservative: ClassVar[bool | None] = None
+    """Whether the model is conservative (a toy's config says; other models have no such notion)."""
 
     def __iter__(self):
         """``model, batch = problem``."""
         return iter((self.model, self.batch))
 
     def __repr__(self) -> str:
-        return (f"make_toy_problem({self.config!r}, init_seed={self.init_seed}, "
+        return (f"{self.make.__name__}({self.config!r}, init_seed={self.init_seed}, "
                 f"batch_size={self.batch_size}, batch_seed={self.batch_seed}, dtype={self.dtype})")
 
     def _repr_pretty_(self, printer, cycle: bool) -> None:  # how Hypothesis prints a falsifying example
         printer.text(repr(self))
 
-    def rebuild(self) -> ToyProblem:
+    def rebuild(self) -> Problem:
         """A fresh, identical copy (new parameter tensors), e.g. to reproduce a failure outside Hypothesis."""
-        return make_toy_problem(self.config, init_seed=self.init_seed, batch_size=self.batch_size,
-                                batch_seed=self.batch_seed, dtype=self.dtype)
+        return self.make(self.config, init_seed=self.init_seed, batch_size=self.batch_size,
+                         batch_seed=self.batch_seed, dtype=self.dtype)
+
+
+class ToyProblem(Problem):
+    """A toy model (:class:`Toy`) and a batch it made."""
+
+    @property
+    def conservative(self) -> bool:
+        return self.config.conservative
 
 
 def make_toy_problem(config: ToyConfig, *, init_seed: int, batch_size: int, batch_seed: int,
@@ -81,6 +92,9 @@ def make_toy_problem(config: ToyConfig, *, init_seed: int, batch_size: int, batc
     model = Toy(config, generator=torch.Generator().manual_seed(init_seed)).to(dtype=dtype)
     batch = model.make_batch(batch_size, generator=torch.Generator().manual_seed(batch_seed))
     return ToyProblem(model, batch, config, init_seed, batch_size, batch_seed, dtype)
+
+
+ToyProblem.make = staticmethod(make_toy_problem)
 
 
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
@@ -120,30 +134,8 @@ def toy_models(draw: st.DrawFn, conservative: bool | None = None, *, T1: int = T
                             batch_seed=draw(SEEDS), dtype=dtype)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
-class ResidualProblem:
-    """A tiny resmlp and a batch for it (random images in [0, 1] and labels), plus what rebuilds both."""
-
-    model: ResMLP
-    batch: Batch
-    config: ResMLPConfig
-    init_seed: int
-    batch_size: int
-    batch_seed: int
-    dtype: torch.dtype = torch.float64
-
-    conservative = None
-
-    def __iter__(self):
-        """``model, batch = problem``."""
-        return iter((self.model, self.batch))
-
-    def __repr__(self) -> str:
-        return (f"make_residual_problem({self.config!r}, init_seed={self.init_seed}, "
-                f"batch_size={self.batch_size}, batch_seed={self.batch_seed}, dtype={self.dtype})")
-
-    def _repr_pretty_(self, printer, cycle: bool) -> None:  # how Hypothesis prints a falsifying example
-        printer.text(repr(self))
+class ResidualProblem(Problem):
+    """A tiny resmlp (:class:`ResMLP`) and a batch of random images in [0, 1] and labels."""
 
 
 def make_residual_problem(config: ResMLPConfig, *, init_seed: int, batch_size: int, batch_seed: int,
@@ -157,6 +149,9 @@ def make_residual_problem(config: ResMLPConfig, *, init_seed: int, batch_size: i
     return ResidualProblem(model, batch, config, init_seed, batch_size, batch_seed, dtype)
 
 
+ResidualProblem.make = staticmethod(make_residual_problem)
+
+
 @st.composite
 def residual_models(draw: st.DrawFn, *, dtype: torch.dtype = torch.float64) -> ResidualProblem:
     """A :class:`ResidualProblem`: width 2–8, 1–3 blocks, 2×2 to 4×4 images of 1–3 channels, 2–5 classes, a
@@ -168,11 +163,42 @@ def residual_models(draw: st.DrawFn, *, dtype: torch.dtype = torch.float64) -> R
                                  batch_seed=draw(SEEDS), dtype=dtype)
 
 
+class LocalProblem(Problem):
+    """A tiny localgpt (:class:`LocalGPT`) and a batch of random token windows."""
+
+
+def make_local_problem(config: LocalGPTConfig, *, init_seed: int, batch_size: int, batch_seed: int,
+                       dtype: torch.dtype = torch.float64) -> LocalProblem:
+    """The localgpt (parameters from ``init_seed``) and ``batch_size`` random windows of ``config.context`` token
+    ids with their next tokens (from ``batch_seed``)."""
+    model = LocalGPT(config, generator=torch.Generator().manual_seed(init_seed)).to(dtype=dtype)
+    generator = torch.Generator().manual_seed(batch_seed)
+    tokens = torch.randint(config.vocab, (batch_size, config.context + 1), generator=generator)
+    batch = model.prepare_batch(tokens[:, :-1], tokens[:, 1:], generator=generator)
+    return LocalProblem(model, batch, config, init_seed, batch_size, batch_seed, dtype)
+
+
+LocalProblem.make = staticmethod(make_local_problem)
+
+
+@st.composite
+def local_models(draw: st.DrawFn, *, dtype: torch.dtype = torch.float64) -> LocalProblem:
+    """A :class:`LocalProblem`: 1–2 blocks of 1–2 heads 2–4 wide each, softmax or sigmoid attention, a context of
+    1–5 and a vocabulary of 2–7 characters, a batch of 1–3 windows."""
+    heads = draw(st.integers(1, 2))
+    config = LocalGPTConfig(context=draw(st.integers(1, 5)), layers=draw(st.integers(1, 2)), heads=heads,
+                            width=heads * draw(st.integers(2, 4)), attn=draw(st.sampled_from(("softmax", "sigmoid"))),
+                            vocab=draw(st.integers(2, 7)))
+    return make_local_problem(config, init_seed=draw(SEEDS), batch_size=draw(st.integers(1, 3)),
+                              batch_seed=draw(SEEDS), dtype=dtype)
+
+
 def models(*, protocol: type = EquilibriumModel, conservative: bool | None = None, T1: int = T1, eps: float = EPS,
            max_units: int = 8, max_coupling: float = 0.7,
-           dtype: torch.dtype = torch.float64) -> st.SearchStrategy[ToyProblem] | st.SearchStrategy[ResidualProblem]:
+           dtype: torch.dtype = torch.float64) -> st.SearchStrategy[Any]:
     """Problems (``model, batch = problem``) whose model satisfies ``protocol``: random converging toys for the
-    protocols a toy satisfies (``Model``, ``EquilibriumModel``), tiny residual MLPs for ``ResidualModel``.
+    protocols a toy satisfies (``Model``, ``EquilibriumModel``), tiny residual MLPs for ``ResidualModel``, tiny
+    localgpts for ``LocalModel``.
 
     ``conservative`` None draws both kinds of toy; ``problem.conservative`` says which was drawn (None for a
     residual problem, which has no such notion). The toys are float64 and tiny (3–8 units), so a check runs in
@@ -185,7 +211,12 @@ def models(*, protocol: type = EquilibriumModel, conservative: bool | None = Non
         if conservative is not None:
             raise TypeError("residual models are neither conservative nor not: draw them with conservative=None")
         return residual_models(dtype=dtype)
-    raise TypeError(f"the kit draws toy equilibrium models and tiny residual MLPs; neither satisfies "
+    if isinstance(LocalGPT(LocalGPTConfig(vocab=2, width=2, heads=1, layers=1), generator=torch.Generator()),
+                  protocol):
+        if conservative is not None:
+            raise TypeError("local models are neither conservative nor not: draw them with conservative=None")
+        return local_models(dtype=dtype)
+    raise TypeError(f"the kit draws toy equilibrium models, tiny residual MLPs and tiny localgpts; none satisfies "
                     f"{protocol.__name__}")
 
 

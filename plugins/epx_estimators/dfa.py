@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ep_core.config import Config, option
-from ep_core.errors import ConfigError, FileFormatError
-from ep_core.protocols import Batch, GradientEstimate, ResidualModel
+from ep_core.errors import ConfigError
+from ep_core.protocols import Batch, GradientEstimate, ResidualModel, matching_state
 from ep_core.relax import parameter_gradient
 
 RMS_FLOOR = 1e-6
@@ -112,15 +112,8 @@ class DFA:
         return {f"B{index}": matrix for index, matrix in enumerate(self._built())}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = self.state_dict()
-        if set(state) != set(expected):
-            raise FileFormatError("dfa state", f"has {sorted(state)}, expected {sorted(expected)}")
-        for key, matrix in expected.items():
-            given = state[key]
-            if not isinstance(given, torch.Tensor) or given.shape != matrix.shape:
-                raise FileFormatError("dfa state", f"{key} is {getattr(given, 'shape', type(given).__name__)}, "
-                                                   f"expected {tuple(matrix.shape)}")
-        self.feedback = [state[f"B{index}"].to(matrix) for index, matrix in enumerate(self._built())]
+        loaded = matching_state("dfa", self.state_dict(), state)
+        self.feedback = [loaded[f"B{index}"] for index in range(len(loaded))]
 
     def _built(self) -> list[torch.Tensor]:
         if self.feedback is None:

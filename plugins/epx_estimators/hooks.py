@@ -13,3 +13,6 @@ adjoint = registers("estimator", "adjoint", "epx_estimators.adjoint:Adjoint",
 dfa = registers("estimator", "dfa", "epx_estimators.dfa:DFA",
                 summary="direct feedback alignment with a residual-branch penalty λ: random projections of the "
                         "output error train each block")
+fa = registers("estimator", "fa", "epx_estimators.fa:FA",
+               summary="feedback alignment (mode=random|sign|transpose) with LayerNorm surrogate backward passes "
+                       "(ln=exact|center_scale|projected|identity)")

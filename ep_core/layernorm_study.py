@@ -20,28 +20,26 @@ over them), which is what the parameters' gradients, summed over positions, inhe
 
 with σ's mean and standard deviation over the positions. A small r_mean and r_radial mean the surrogates lose
 little; a surrogate's cosine says how far its backward is from LayerNorm's. The average row is the plain mean
-over the LayerNorms (seed 003's AVG line).
+over the LayerNorms (seed 003's AVG line). `epx train` records, at every comparison with the reference, each
+LayerNorm's batch cosine of the rule it is trained with (:func:`surrogate_cosines`); `epx analyze layernorm`
+trains for K steps and then reports everything here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ep_core.errors import ConfigError
 from ep_core.local import LN_RULES, LayerNormPass, layernorm_input_gradient
-from ep_core.protocols import Batch, ChoosesBackwardRules
-from ep_core.seeding import EVAL_MASK_STREAM, PROBE_STREAM, generator
-from ep_core.session import draw_batch
-from ep_core.train import Progress, build_run, train
+from ep_core.protocols import Batch
 
 COLUMNS = ("r_mean", "r_radial", "sigma_mean", "sigma_std", "cos_center_scale", "cos_identity",
            "batch_cos_center_scale", "batch_cos_projected", "batch_cos_identity")
-#: Seed 003's training: AdamW at a constant lr 1e-3, no warm-up, no clipping, batch 32, torch's weight decay.
+#: Seed 003's training before the study: AdamW at a constant lr 1e-3, no warm-up, no clipping, torch's weight decay.
 TRAINING = {"lr": "1e-3", "warmup": "0", "min_lr": "1", "clip": "none", "weight_decay": "0.01"}
 
 
@@ -78,33 +76,7 @@ def average(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {key: sum(row[key] for row in layers.values()) / len(layers) for key in next(iter(layers.values()))}
 
 
-def layernorm_study(registry: Any, estimator: str, model: str, *, attn: Sequence[str] = ("softmax",),
-                    steps: int = 250, settings: Mapping[str, str] | None = None,
-                    model_settings: Mapping[str, str] | None = None, data: str = "auto",
-                    data_dir: str | None = None, download: bool = True, warn: Callable[[str], None] | None = None,
-                    batch_size: int = 32, seed: int = 1337, dtype: str = "float32", device: str = "cpu",
-                    on_record: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """For each attention kind: ``steps`` steps of training with ``estimator`` (seed 003's AdamW, :data:`TRAINING`),
-    then :func:`layernorm_decomposition` of its backward pass on one diagnostic batch of the training data (drawn
-    from the seed's PROBE stream). ``on_record(attn, record)`` sees each training record."""
-    runs = {}
-    for kind in attn:
-        run = build_run(registry, estimator, model, settings=settings, model_settings={**(model_settings or {}),
-                                                                                       "attn": kind},
-                        train_settings={**TRAINING, "steps": str(steps), "diagnose_every": "0"}, data=data,
-                        data_dir=data_dir, download=download, warn=warn, batch_size=batch_size, seed=seed,
-                        dtype=dtype, device=device, reference=None)
-        if not isinstance(run.estimator, ChoosesBackwardRules):
-            raise ConfigError("estimator", f"{estimator} does not expose its backward rules (ChoosesBackwardRules); "
-                                           "the LayerNorm study needs an estimator such as fa")
-        watch = Progress(on_record=lambda record, kind=kind: on_record(kind, record)) if on_record else None
-        log = train(run, progress=watch)
-        batch = draw_batch(run.model, run.dataset, batch_size, data=generator(seed, PROBE_STREAM),
-                           mask=generator(seed, EVAL_MASK_STREAM))
-        layers = layernorm_decomposition(run.model, batch, run.estimator.backward_rules(run.model))
-        final = [r for r in log if r["kind"] == "eval"]
-        runs[kind] = {"layers": layers, "average": average(layers), "spec": run.spec,
-                      "val_loss": final[-1]["val_loss"] if final else None, "data": run.data_description}
-    return {"estimator": estimator, "model": model, "steps": steps, "batch_size": batch_size, "seed": seed,
-            "runs": runs}
-
+def surrogate_cosines(model: Any, batch: Batch, rules: Any) -> dict[str, float]:
+    """Each LayerNorm's batch cosine of the rule ``rules`` give it to the exact backward, on ``rules``' pass."""
+    return {name: row[f"batch_cos_{rules.layernorm.get(name, 'exact')}"]
+            for name, row in layernorm_decomposition(model, batch, rules).items()}

@@ -48,7 +48,9 @@ from ep_core.config import ConfigError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import environment, gradient_metrics, init_state, jsonable
 from ep_core.errors import EpxError, FileFormatError, Interrupted, ResumeError
-from ep_core.protocols import HasMetrics, HasTrainingDefaults, Model, ResidualModel, StatefulEstimator
+from ep_core.layernorm_study import surrogate_cosines
+from ep_core.protocols import (ChoosesBackwardRules, HasMetrics, HasTrainingDefaults, LocalModel, Model, ResidualModel,
+                               StatefulEstimator)
 from ep_core.residual_stream import residual_stream
 from ep_core.analysis import fixed_point_stability
 from ep_core.schedule import TrainConfig, learning_rate
@@ -491,6 +493,8 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
         record["diagnostic"] = {"cosine": metrics["cosine"], "groups": metrics["groups"],
                                 "rel_error": metrics["rel_error"],
                                 "reference_residual": exact.equilibrium.residual if exact.equilibrium else None}
+        if isinstance(run.estimator, ChoosesBackwardRules) and isinstance(model, LocalModel):
+            record["diagnostic"]["layernorm"] = surrogate_cosines(model, batch, run.estimator.backward_rules(model))
         if equilibrium is not None:
             stability = fixed_point_stability(model, batch, equilibrium.state,
                                               generator=generator(run.seed, PROBE_STREAM))

@@ -281,3 +281,21 @@ def test_epx_analyze_layernorm_trains_then_decomposes_for_each_attention(tmp_pat
                                          "--steps", "1", "--model-set", "layers=1", "--model-set", "width=8"])
     assert wrong.exit_code == 2 and "does not expose its backward rules" in wrong.output
 
+
+
+def test_training_records_each_layernorms_surrogate_cosine_at_every_comparison():
+    from ep_core.plugins import load
+    from ep_core.train import build_run, train
+
+    def diagnostics(settings: dict[str, str]) -> list[dict]:
+        run = build_run(load(), "fa", "localgpt", settings=settings, data="sample", batch_size=4,
+                        model_settings={"layers": "1", "width": "8", "heads": "2", "context": "8"}, reference="backprop",
+                        train_settings={"steps": "4", "diagnose_every": "2", "eval_every": "4"})
+        return [r["diagnostic"] for r in train(run) if r["kind"] == "train" and "diagnostic" in r]
+
+    surrogate = diagnostics({"ln": "center_scale", "ln_at": "ln_f=exact"})
+    assert [sorted(d["layernorm"]) for d in surrogate] == [["blocks.0.ln_1", "blocks.0.ln_2", "ln_f"]] * 2
+    for d in surrogate:
+        assert abs(d["layernorm"]["ln_f"] - 1) < 1e-6
+        assert all(0 < d["layernorm"][n] < 1 - 1e-6 for n in ("blocks.0.ln_1", "blocks.0.ln_2"))
+    assert all(abs(c - 1) < 1e-6 for d in diagnostics({"ln": "exact"}) for c in d["layernorm"].values())

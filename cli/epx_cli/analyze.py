@@ -287,9 +287,12 @@ def layernorm(model_name: str, estimator: str, settings: tuple[str, ...], model_
     epx analyze layernorm --set mode=sign --steps 500 --plot ln.png
     """
     from ep_core.harness import environment
-    from ep_core.layernorm_study import COLUMNS, layernorm_study
+    from ep_core.layernorm_study import COLUMNS, TRAINING, average, layernorm_decomposition
     from ep_core.local import ATTENTION_KINDS
-    from ep_core.session import parse_settings
+    from ep_core.protocols import ChoosesBackwardRules
+    from ep_core.seeding import EVAL_MASK_STREAM, PROBE_STREAM, generator
+    from ep_core.session import draw_batch, parse_settings
+    from ep_core.train import Progress, build_run, train
 
     check_device(device)
     kinds = parse_values(attn, "--attn")
@@ -303,22 +306,33 @@ def layernorm(model_name: str, estimator: str, settings: tuple[str, ...], model_
         from epx_cli.plot import require_matplotlib
 
         require_matplotlib()
-    log = UnitLog("layernorm")
+    reg, log, runs = registry(), UnitLog("layernorm"), {}
     with err.status("starting") as status:
-        started: list[str] = []
+        for done, kind in enumerate(kinds):
+            log.start(f"attn={kind}", done, len(kinds))
+            run = build_run(reg, estimator, model_name, settings=parse_settings(settings, "--set"),
+                            model_settings={**parsed_model, "attn": kind},
+                            train_settings={**TRAINING, "steps": str(steps), "diagnose_every": "0"}, data=data,
+                            data_dir=data_dir, download=not no_download, warn=warn, batch_size=batch_size, seed=seed,
+                            dtype=dtype, device=device, reference=None)
+            if not isinstance(run.estimator, ChoosesBackwardRules):
+                raise ConfigError("--estimator", f"{estimator} does not expose its backward rules "
+                                                 "(ChoosesBackwardRules); the study needs an estimator such as fa")
 
-        def on_record(kind: str, record: dict[str, Any]) -> None:
-            if kind not in started:
-                log.start(f"attn={kind}", len(started), len(kinds))
-                started.append(kind)
-            if record["kind"] == "train":
-                status.update(f"attn={kind}: step {record['step']}/{steps} · loss {record['loss']:.4f}")
+            def show_step(record: dict[str, Any], kind: str = kind) -> None:
+                if record["kind"] == "train":
+                    status.update(f"attn={kind}: step {record['step']}/{steps} · loss {record['loss']:.4f}")
 
-        study = layernorm_study(registry(), estimator, model_name, attn=kinds, steps=steps,
-                                settings=parse_settings(settings, "--set"), model_settings=parsed_model, data=data,
-                                data_dir=data_dir, download=not no_download, warn=warn, batch_size=batch_size,
-                                seed=seed, dtype=dtype, device=device, on_record=on_record)
+            records = train(run, progress=Progress(on_record=show_step))
+            batch = draw_batch(run.model, run.dataset, batch_size, data=generator(seed, PROBE_STREAM),
+                               mask=generator(seed, EVAL_MASK_STREAM))
+            layers = layernorm_decomposition(run.model, batch, run.estimator.backward_rules(run.model))
+            runs[kind] = {"layers": layers, "average": average(layers), "spec": run.spec,
+                          "val_loss": [r for r in records if r["kind"] == "eval"][-1]["val_loss"],
+                          "data": run.data_description}
         log.finish()
+    study = {"estimator": estimator, "model": model_name, "steps": steps, "batch_size": batch_size, "seed": seed,
+             "runs": runs}
     result = {"format": LAYERNORM_FORMAT, **study, "dtype": dtype, "device": device, "environment": environment()}
     renderables: list[Any] = []
     headers = {"r_mean": "r_mean", "r_radial": "r_radial", "sigma_mean": "σ mean", "sigma_std": "σ std",

@@ -341,8 +341,10 @@ def training_table(records: list[dict[str, Any]], title: str, converged_tol: flo
     """One row per validation: mean training loss since the previous one, validation loss, and the latest
     comparison with the reference gradient."""
     groups = next((list(r["diagnostic"]["groups"]) for r in records if "diagnostic" in r), [])
+    surrogates = any("layernorm" in r.get("diagnostic", {}) for r in records)
     table = Table(title=title, header_style="bold")
-    for column in ("step", "train loss", "val loss", "lr", "residual", "cos all", *(f"cos {g}" for g in groups)):
+    for column in ("step", "train loss", "val loss", "lr", "residual", "cos all", *(f"cos {g}" for g in groups),
+                   *(["LN cos (min)"] if surrogates else [])):
         table.add_column(column, justify="right")
     losses: list[float] = []
     latest: dict[str, Any] = {}
@@ -365,6 +367,8 @@ def training_table(records: list[dict[str, Any]], title: str, converged_tol: flo
                 fmt_residual(residual, None if residual is None else residual <= converged_tol),
                 fmt_cosine(diagnostic["cosine"] if diagnostic else None),
                 *(fmt_cosine(diagnostic["groups"].get(g) if diagnostic else None) for g in groups),
+                *([fmt_cosine(min(diagnostic["layernorm"].values()) if diagnostic and diagnostic.get("layernorm")
+                              else None)] if surrogates else []),
             )
             losses = []
     return table
@@ -395,6 +399,9 @@ def training_report(records: list[dict[str, Any]], title: str, converged_tol: fl
             legend("train loss: mean since the previous row", "val loss: on the held-out batches",
                    "residual: the trained estimator's free phase",
                    "cos: the latest cosine to the reference gradient (--ref), of all parameters or of one group",
+                   *(["LN cos (min): the smallest, over the LayerNorms, cosine of the trained LayerNorm rule's input "
+                      "gradient to the exact one (each LayerNorm's in the log)"]
+                     if any("layernorm" in r.get("diagnostic", {}) for r in records) else []),
                    *(["‖h_L‖, ‖∂L/∂h_k‖ (k = 2), growth: medians on a fixed held-out batch of up to 1024"]
                      if epochs is not None else [])),
             colour_legend(COSINE_COLOURS, residual_colours(converged_tol))]

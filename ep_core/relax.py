@@ -3,19 +3,25 @@
 Notation (DESIGN.md): state x, parameters θ, step ε, relaxation map G(x) = Π(x + εF(x)). The free phase iterates
 G for T1 steps from ``init_state`` and gives x*; its residual is r = ||G(x*) − x*|| / ||x*||; g = ∇ₓC(x*).
 
-Relaxations run without an autograd graph, so their memory does not grow with the number of steps. Every step
-checks that the state is finite and, if not, raises :class:`DivergenceError` naming the step and a remedy.
+Relaxations run without an autograd graph, so their memory does not grow with the number of steps. A relaxation
+that leaves the finite numbers raises :class:`DivergenceError` naming the first non-finite step and a remedy;
+finiteness is accumulated on the device and read once every :data:`CHECK_EVERY` steps (:func:`iterate`), so that
+the loop does not wait for the device at every step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
 from ep_core.protocols import Batch, DivergenceError, Equilibrium, State
 
+CHECK_EVERY = 16
+"""Steps between two reads of the finiteness flag: a read makes the host wait for the device, which on a GPU
+costs more than the step itself."""
 CONVERGED_TOL = 1e-4
 """A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
 
@@ -55,6 +61,31 @@ def is_finite(a: State) -> bool:
     return all(bool(torch.isfinite(ai.sum())) for ai in a)
 
 
+def iterate(update: Callable[[State], State], start: State, steps: int, *,
+            diverged: Callable[[int], NoReturn]) -> State:
+    """x_{t+1} = update(x_t) for ``steps`` steps from ``start``. The entries' sums are accumulated on the device
+    (an inf or NaN stays one) and read once per :data:`CHECK_EVERY` steps; a chunk whose flag is not finite is
+    run again from its start checking every step, and ``diverged(t)`` is called with the first non-finite step
+    t. ``update`` must be deterministic, so that the second run retraces the first (a flag that overflowed on
+    finite states finds no such step, and the iteration goes on)."""
+    x, done = start, 0
+    while done < steps:
+        chunk = min(CHECK_EVERY, steps - done)
+        begin, flag = x, None
+        for _ in range(chunk):
+            x = update(x)
+            total = sum(ai.sum() for ai in x)
+            flag = total if flag is None else flag + total
+        if not bool(torch.isfinite(flag)):
+            x = begin
+            for t in range(done + 1, done + chunk + 1):
+                x = update(x)
+                if not is_finite(x):
+                    diverged(t)
+        done += chunk
+    return x
+
+
 def step(model, batch: Batch, state: State, force: State) -> State:
     """G given F(x) already computed: Π(x + εF(x))."""
     return model.project(add(state, force, model.dynamics.eps))
@@ -74,15 +105,18 @@ class Relaxation:
 def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: Drive | None = None) -> Relaxation:
     """Iterate x ← Π(x + ε(F(x) + d(x, F(x)))) for ``steps`` steps, without building a graph."""
     eps = model.dynamics.eps
-    x = detach(state)
+
+    def update(x: State) -> State:
+        force = model.force(x, batch)
+        if drive is not None:
+            force = add(force, drive(x, force))
+        return step(model, batch, x, force)
+
+    def diverged(t: int) -> NoReturn:
+        raise DivergenceError(phase, t, eps, divergence_remedy(phase, eps))
+
     with torch.no_grad():
-        for t in range(1, steps + 1):
-            force = model.force(x, batch)
-            if drive is not None:
-                force = add(force, drive(x, force))
-            x = step(model, batch, x, force)
-            if not is_finite(x):
-                raise DivergenceError(phase, t, eps, divergence_remedy(phase, eps))
+        x = iterate(update, detach(state), steps, diverged=diverged)
     return Relaxation(state=x, steps=steps)
 
 
@@ -114,12 +148,11 @@ def unrolled(model, batch: Batch) -> tuple[torch.Tensor, State]:
     """(C(x_T1), x_T1) with x₀ = init_state, x_{t+1} = G(x_t), T1 steps, keeping the autograd graph: what an
     equilibrium model's ``loss`` is, and what bptt differentiates. A non-finite state is a DivergenceError."""
     eps = model.dynamics.eps
-    relaxation_step = relaxation_map(model, batch)
-    x = model.init_state(batch)
-    for t in range(1, model.dynamics.T1 + 1):
-        x = relaxation_step(x)
-        if not is_finite(x):
-            raise DivergenceError("free", t, eps, divergence_remedy("free", eps))
+
+    def diverged(t: int) -> NoReturn:
+        raise DivergenceError("free", t, eps, divergence_remedy("free", eps))
+
+    x = iterate(relaxation_map(model, batch), model.init_state(batch), model.dynamics.T1, diverged=diverged)
     return model.cost(x, batch), x
 
 

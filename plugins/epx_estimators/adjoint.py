@@ -20,14 +20,14 @@ and Tadj.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 
 from ep_core.config import Config, option
 from ep_core.krylov import gmres
 from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, EstimateStats, GradientEstimate
-from ep_core.relax import (add, cost_gradient, free_phase, inner, is_finite, linearize, norm, parameter_gradient,
+from ep_core.relax import (add, cost_gradient, free_phase, inner, iterate, linearize, norm, parameter_gradient,
                            relaxation_map, sub)
 
 
@@ -69,15 +69,14 @@ class Adjoint:
             if cfg.solver == "gmres":
                 a, applications = gmres(lambda u: sub(u, J_G_transpose(u)), g, max_iter=budget, tol=cfg.tol)
             else:
-                a, applications = g, 0
-                for step in range(1, budget + 1):
-                    a = add(J_G_transpose(a), g)
-                    applications += 1
-                    if not is_finite(a):
-                        raise DivergenceError("adjoint", step, model.dynamics.eps,
-                                              "the Neumann series diverges when J_G has an eigenvalue outside the "
-                                              "unit circle; try --set solver=gmres, or check the free phase with "
-                                              "`epx analyze fixed-point`")
+                def diverged(step: int) -> NoReturn:
+                    raise DivergenceError("adjoint", step, model.dynamics.eps,
+                                          "the Neumann series diverges when J_G has an eigenvalue outside the unit "
+                                          "circle; try --set solver=gmres, or check the free phase with "
+                                          "`epx analyze fixed-point`")
+
+                a = iterate(lambda u: add(J_G_transpose(u), g), g, budget, diverged=diverged)
+                applications = budget
             tiny = torch.finfo(a[0].dtype).tiny
             adjoint_residual = float(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(tiny))
         grads = parameter_gradient(model, lambda: inner(a, G(x_star)) + model.cost(x_star, batch))

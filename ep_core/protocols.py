@@ -21,10 +21,10 @@ import torch
 from ep_core.config import Config
 from ep_core.errors import ConfigError, DivergenceError, EpxError, FileFormatError
 
-__all__ = ["Batch", "ChoosesBackwardRules", "DataSpec", "Dataset", "DeclaresNonconservative", "DivergenceError",
-           "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel", "EstimateStats", "Estimator", "GradientEstimate",
-           "HasMetrics", "HasTrainingDefaults", "LocalModel", "Model", "NamedState", "ResidualModel", "State",
-           "StatefulEstimator", "SyntheticData", "matching_state"]
+__all__ = ["Batch", "CachesParameterTerms", "ChoosesBackwardRules", "DataSpec", "Dataset", "DeclaresNonconservative",
+           "DivergenceError", "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel", "EstimateStats", "Estimator",
+           "GradientEstimate", "HasMetrics", "HasTrainingDefaults", "LocalModel", "Model", "NamedState",
+           "ResidualModel", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -180,6 +180,16 @@ class LocalModel(Model, Protocol):
     def local_loss(self, batch: Batch, rules: Any) -> torch.Tensor: ...
 
     def local_layers(self) -> Mapping[str, torch.nn.Module]: ...
+
+
+@runtime_checkable
+class CachesParameterTerms(Protocol):
+    """An equilibrium model whose force uses a term of the parameters alone that is costly to compute (lm's gain
+    bound κ, an eigenvalue problem): ``with_parameter_terms(batch)`` is the batch carrying that term, computed once
+    (with its autograd graph when grad is on), so that an unrolled free phase computes it once, not at every
+    step."""
+
+    def with_parameter_terms(self, batch: Batch) -> Batch: ...
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import torch
 
-from ep_core.protocols import Batch, DivergenceError, Equilibrium, State
+from ep_core.protocols import Batch, CachesParameterTerms, DivergenceError, Equilibrium, State
 
 CHECK_EVERY = 16
 """Steps between two reads of the finiteness flag: a read makes the host wait for the device, which on a GPU
@@ -152,6 +152,8 @@ def unrolled(model, batch: Batch) -> tuple[torch.Tensor, State]:
     def diverged(t: int) -> NoReturn:
         raise DivergenceError("free", t, eps, divergence_remedy("free", eps))
 
+    if isinstance(model, CachesParameterTerms):
+        batch = model.with_parameter_terms(batch)
     x = iterate(relaxation_map(model, batch), model.init_state(batch), model.dynamics.T1, diverged=diverged)
     return model.cost(x, batch), x
 

@@ -171,3 +171,27 @@ def test_gain_bound_is_cached_outside_autograd_and_follows_in_place_updates():
     assert float(second) == pytest.approx(float(model._gain_scale().detach()), rel=1e-12)
     assert float(second) == pytest.approx(float(first) / 2, rel=1e-9)
     assert model.gain_scale().requires_grad  # under autograd it is part of the graph
+
+
+def test_bptt_computes_the_gain_bound_once_per_gradient_and_differentiates_through_it(monkeypatch):
+    """κ depends on the parameters only: the unrolled free phase carries it in the batch, one eigendecomposition
+    per gradient instead of one per step, and its gradient is the per-step one's (checked by finite differences
+    of the loss along W_V)."""
+    from ep_core.bptt import BPTT
+
+    model = tiny_lm(gain_bound=0.3)
+    batch = token_batch(model)
+    calls = []
+    original = type(model)._gain_scale
+    monkeypatch.setattr(type(model), "_gain_scale", lambda self: calls.append(1) or original(self))
+    grads = BPTT().estimate(model, batch, generator=torch.Generator()).grads
+    assert len(calls) == 2  # one with its graph for the unroll, one (then cached) for the graph-free residual
+    direction = torch.randn(model.W_V.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    step = 1e-6
+    with torch.no_grad():
+        model.W_V.add_(step * direction)
+        up = float(model.loss(batch))
+        model.W_V.sub_(2 * step * direction)
+        down = float(model.loss(batch))
+        model.W_V.add_(step * direction)
+    assert (up - down) / (2 * step) == pytest.approx(float((grads["W_V"] * direction).sum()), rel=1e-6)

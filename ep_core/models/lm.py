@@ -40,6 +40,8 @@ from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, DataSpec, Dynamics, State
 from ep_core.relax import unrolled_loss
 
+GAIN = "gain"
+"""The batch entry that carries κ through an unrolled free phase (:meth:`LM.with_parameter_terms`)."""
 READOUT_NORM_EPS = 1e-8
 """Against a zero token; far below the mean square of z, which is about embed_std² (4e-4 by default)."""
 
@@ -121,8 +123,13 @@ class LM(nn.Module):
         tokens = batch["tokens"]
         return self.token_embedding[tokens] + self.position_embedding[: tokens.shape[1]]
 
-    def attention(self, z: torch.Tensor) -> torch.Tensor:
-        """Attn(z) = O·softmax(QKᵀ/√d_h, causal)·V, per head."""
+    def with_parameter_terms(self, batch: Batch) -> Batch:
+        """The batch carrying κ, computed once for a whole unrolled free phase (with its graph under autograd)
+        instead of at every step."""
+        return {**batch, GAIN: torch.as_tensor(self.gain_scale())}
+
+    def attention(self, z: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        """Attn(z) = κ·O·softmax(QKᵀ/√d_h, causal)·V, per head; κ from ``batch`` when it carries it."""
         b, t, width = z.shape
         heads, head_dim = self.config.heads, self.head_dim
 
@@ -132,7 +139,8 @@ class LM(nn.Module):
         scores = split(self.W_Q) @ split(self.W_K).transpose(-1, -2) / math.sqrt(head_dim)
         scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
         mixed = torch.softmax(scores, dim=-1) @ split(self.W_V)
-        return self.gain_scale() * (mixed.transpose(1, 2).reshape(b, t, width) @ self.W_O)
+        gain = batch[GAIN] if batch is not None and GAIN in batch else self.gain_scale()
+        return gain * (mixed.transpose(1, 2).reshape(b, t, width) @ self.W_O)
 
     def gain_scale(self) -> torch.Tensor | float:
         """κ = min(1, bound·(1 + s·c) / (s·λ_max(sym(W_V·W_O)))), or 1 without a bound.
@@ -175,11 +183,11 @@ class LM(nn.Module):
         (z,) = state
         s, c = self.config.s, self.config.c
         clamp = self.embed(batch) - z
-        return (clamp + s * (self.attention(z) - c * z) if s else clamp,)
+        return (clamp + s * (self.attention(z, batch) - c * z) if s else clamp,)
 
     def nonconservative(self, state: State, batch: Batch) -> State:
         (z,) = state
-        return (self.config.s * self.attention(z) if self.config.s else torch.zeros_like(z),)
+        return (self.config.s * self.attention(z, batch) if self.config.s else torch.zeros_like(z),)
 
     def project(self, state: State) -> State:
         return state

@@ -40,7 +40,7 @@ def sub(a: State, b: State) -> State:
     return tuple(ai - bi for ai, bi in zip(a, b, strict=True))
 
 
-def scale(a: State, factor: float) -> State:
+def scale(a: State, factor: float | torch.Tensor) -> State:
     return tuple(factor * ai for ai in a)
 
 

@@ -93,9 +93,9 @@ class AEP:
             Jv = sub(part_at(x, force), part_at_fixed_point)
             term = sub(J_transpose(v), Jv)
             if clip is not None:
+                # On the device: a host comparison here would make every nudged step wait for the GPU.
                 limit, size = clip * norm(nudged_force), norm(term)
-                if size > limit:
-                    term = scale(term, float(limit / size))
+                term = scale(term, torch.where(size > limit, limit / size, torch.ones_like(size)))
             return term
 
         return correction

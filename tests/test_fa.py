@@ -290,7 +290,7 @@ def test_training_records_each_layernorms_surrogate_cosine_at_every_comparison()
     def diagnostics(settings: dict[str, str]) -> list[dict]:
         run = build_run(load(), "fa", "localgpt", settings=settings, data="sample", batch_size=4,
                         model_settings={"layers": "1", "width": "8", "heads": "2", "context": "8"},
-                        reference="backprop",                        train_settings={"steps": "4", "diagnose_every": "2", "eval_every": "4"})
+                        reference="backprop", train_settings={"steps": "4", "diagnose_every": "2", "eval_every": "4"})
         return [r["diagnostic"] for r in train(run) if r["kind"] == "train" and "diagnostic" in r]
 
     surrogate = diagnostics({"ln": "center_scale", "ln_at": "ln_f=exact"})

@@ -220,8 +220,33 @@ def page(steps: int, study: dict[str, Any], init: dict[str, dict[str, Any]],
               f"cosine to the exact backward is {soft['batch_cos_center_scale']:.4f} and "
               f"{sig['batch_cos_center_scale']:.4f}. The largest radial share is at {radial['softmax'][0]} with "
               f"softmax ({radial['softmax'][1]['r_radial']:.4f}) and at {radial['sigmoid'][0]} with sigmoid "
-              f"({radial['sigmoid'][1]['r_radial']:.4f}).", ""]
+              f"({radial['sigmoid'][1]['r_radial']:.4f}).", "",
+              verdict(soft_center - soft_exact, sig_center - sig_exact, study), ""]
     return "\n".join(lines) + "\n"
+
+
+def verdict(cost_softmax: float, cost_sigmoid: float, study: dict[str, Any]) -> str:
+    """What these numbers say about the seed's question, in words that follow from them (one seed each)."""
+    soft, sig = study["runs"]["softmax"]["average"], study["runs"]["sigmoid"]["average"]
+    lowest = min(row["batch_cos_center_scale"] for run in study["runs"].values() for row in run["layers"].values())
+    costlier = "softmax" if cost_softmax > cost_sigmoid else "sigmoid"
+    text = (f"On these runs (one seed each) center_scale costs more with {costlier} attention "
+            f"({cost_softmax:+.3f} against {cost_sigmoid:+.3f} nats). ")
+    if (soft["r_radial"] > sig["r_radial"]) == (cost_softmax > cost_sigmoid):
+        text += ("The radial component it keeps is also larger there, as the seed's explanation has it: the energy "
+                 "center_scale fails to remove tracks what it costs.")
+    else:
+        text += ("Yet the radial component it keeps is the smaller one there, so its size alone does not explain "
+                 f"the cost: center_scale's batch cosine to the exact backward is at least {lowest:.3f} at every "
+                 "LayerNorm with either attention, and what it loses compounds over the layers and the steps in "
+                 "ways one batch does not show.")
+    text += (f" The attention does change the scale: σ averages {soft['sigma_mean']:.3f} (std "
+             f"{soft['sigma_std']:.3f}) with softmax and {sig['sigma_mean']:.3f} (std {sig['sigma_std']:.3f}) with "
+             f"sigmoid, whose unnormalised attention lets the residual stream grow, so the surrogates without 1/σ "
+             f"(projected, identity) reach batch cosines of {sig['batch_cos_projected']:.3f} and "
+             f"{sig['batch_cos_identity']:.3f} with sigmoid against {soft['batch_cos_projected']:.3f} and "
+             f"{soft['batch_cos_identity']:.3f} with softmax.")
+    return text
 
 
 def main() -> None:

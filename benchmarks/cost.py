@@ -1,6 +1,7 @@
 """Milliseconds per gradient of every estimator on a model's defaults, measured in one run, reported as ratios.
 
-    python benchmarks/cost.py [--model cet|resmlp|localgpt] [--device cpu] [--repeats 7] [--model-set k=v ...] [--out FILE]
+    python benchmarks/cost.py [--model cet|resmlp|localgpt] [--device cpu] [--repeats 7] [--model-set k=v ...]
+                              [--out FILE]
 
 Each estimator gets one warm-up and then ``repeats`` timed runs, interleaved round-robin so that a change in
 machine load affects all estimators alike; the median is reported. On cet the estimators are bptt, ep, aep and

@@ -5,8 +5,8 @@ G for T1 steps from ``init_state`` and gives x*; its residual is r = ||G(x*) −
 
 Relaxations run without an autograd graph, so their memory does not grow with the number of steps. A relaxation
 that leaves the finite numbers raises :class:`DivergenceError` naming the first non-finite step and a remedy;
-finiteness is accumulated on the device and read once every :data:`CHECK_EVERY` steps (:func:`iterate`), so that
-the loop does not wait for the device at every step.
+finiteness is accumulated on the device and read once every ``CHECK_EVERY`` steps (:func:`ep_core.solvers.iterate`),
+so that the loop does not wait for the device at every step.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from typing import NoReturn
 import torch
 
 from ep_core.protocols import Batch, CachesParameterTerms, DivergenceError, Equilibrium, State
+from ep_core.solvers import is_finite as is_finite  # a primitive plugins take from here, with the rest
+from ep_core.solvers import SOLVERS, iterate
 
-CHECK_EVERY = 16
-"""Steps between two reads of the finiteness flag: a read makes the host wait for the device, which on a GPU
-costs more than the step itself."""
 CONVERGED_TOL = 1e-4
 """A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
 
@@ -56,36 +55,6 @@ def detach(a: State) -> State:
     return tuple(ai.detach() for ai in a)
 
 
-def is_finite(a: State) -> bool:
-    # A sum is non-finite whenever any entry is, so this costs one reduction and one host sync per tensor.
-    return all(bool(torch.isfinite(ai.sum())) for ai in a)
-
-
-def iterate(update: Callable[[State], State], start: State, steps: int, *,
-            diverged: Callable[[int], NoReturn]) -> State:
-    """x_{t+1} = update(x_t) for ``steps`` steps from ``start``. The entries' sums are accumulated on the device
-    (an inf or NaN stays one) and read once per :data:`CHECK_EVERY` steps; a chunk whose flag is not finite is
-    run again from its start checking every step, and ``diverged(t)`` is called with the first non-finite step
-    t. ``update`` must be deterministic, so that the second run retraces the first (a flag that overflowed on
-    finite states finds no such step, and the iteration goes on)."""
-    x, done = start, 0
-    while done < steps:
-        chunk = min(CHECK_EVERY, steps - done)
-        begin, flag = x, None
-        for _ in range(chunk):
-            x = update(x)
-            total = sum(ai.sum() for ai in x)
-            flag = total if flag is None else flag + total
-        if not bool(torch.isfinite(flag)):
-            x = begin
-            for t in range(done + 1, done + chunk + 1):
-                x = update(x)
-                if not is_finite(x):
-                    diverged(t)
-        done += chunk
-    return x
-
-
 def step(model, batch: Batch, state: State, force: State) -> State:
     """G given F(x) already computed: Π(x + εF(x))."""
     return model.project(add(state, force, model.dynamics.eps))
@@ -102,9 +71,13 @@ class Relaxation:
     steps: int
 
 
-def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: Drive | None = None) -> Relaxation:
-    """Iterate x ← Π(x + ε(F(x) + d(x, F(x)))) for ``steps`` steps, without building a graph."""
-    eps = model.dynamics.eps
+def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: Drive | None = None,
+          solver: str | None = None) -> Relaxation:
+    """Find the fixed point of x ↦ Π(x + ε(F(x) + d(x, F(x)))) from ``state``, without building a graph: with the
+    model's solver (or ``solver``), ``steps`` plain steps or at most ``steps`` accelerated ones
+    (:mod:`ep_core.solvers`); ``Relaxation.steps`` is the number of force evaluations used."""
+    dynamics = model.dynamics
+    eps = dynamics.eps
 
     def update(x: State) -> State:
         force = model.force(x, batch)
@@ -116,8 +89,9 @@ def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: D
         raise DivergenceError(phase, t, eps, divergence_remedy(phase, eps))
 
     with torch.no_grad():
-        x = iterate(update, detach(state), steps, diverged=diverged)
-    return Relaxation(state=x, steps=steps)
+        x, used = SOLVERS[solver or dynamics.solver](update, detach(state), steps, tol=dynamics.tol,
+                                                      memory=dynamics.memory, diverged=diverged)
+    return Relaxation(state=x, steps=used)
 
 
 def divergence_remedy(phase: str, eps: float) -> str:
@@ -140,8 +114,7 @@ def free_phase(model, batch: Batch, steps: int | None = None) -> Equilibrium:
     with torch.no_grad():
         start = model.init_state(batch)
     run = relax(model, batch, start, steps, phase="free")
-    return Equilibrium(state=run.state, residual=residual(model, batch, run.state),
-                       steps=steps)
+    return Equilibrium(state=run.state, residual=residual(model, batch, run.state), steps=run.steps)
 
 
 def unrolled(model, batch: Batch) -> tuple[torch.Tensor, State]:

@@ -350,7 +350,7 @@ def test_estimate_stats_are_typed():
 def test_iterate_reads_finiteness_per_chunk_yet_names_the_exact_step():
     """x ← 2x in float32 overflows at step 128: found by re-running the chunk it fell in. A flag that overflows
     on finite states (16 × 3e38) is a false alarm: the re-run finds no step and the iteration goes on."""
-    from ep_core.relax import CHECK_EVERY, iterate
+    from ep_core.solvers import CHECK_EVERY, iterate
 
     steps_seen = []
 

@@ -32,6 +32,7 @@ from torch import nn
 from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, DataSpec, Dynamics, State
 from ep_core.relax import unrolled_loss
+from ep_core.solvers import memory_option, solver_option, tol_option
 
 TOKEN_NORM_EPS = 1e-5
 
@@ -43,6 +44,9 @@ class CETConfig(Config):
     project: bool = option(False, "token-normalise z (mean 0, std 1 per token) after every step")
     eps: float = option(0.2, "relaxation step size ε", gt=0)
     T1: int = option(120, "free-phase steps", ge=1)
+    solver: str = solver_option()
+    tol: float = tol_option()
+    memory: int = memory_option()
     dim: int = option(64, "token width D", ge=1)
     heads: int = option(4, "attention heads", ge=1)
     head_dim: int = option(16, "width of each attention head", ge=1)
@@ -97,7 +101,8 @@ class CET(nn.Module):
 
     @property
     def dynamics(self) -> Dynamics:
-        return Dynamics(eps=self.config.eps, T1=self.config.T1)
+        cfg = self.config
+        return Dynamics(eps=cfg.eps, T1=cfg.T1, solver=cfg.solver, tol=cfg.tol, memory=cfg.memory)
 
     def parameter_groups(self) -> dict[str, list[str]]:
         return {"attention": ["W_Q", "W_K", "W_V", "W_O"], "memory": ["memories"],

@@ -39,6 +39,7 @@ from torch import nn
 from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, DataSpec, Dynamics, State
 from ep_core.relax import unrolled_loss
+from ep_core.solvers import memory_option, solver_option, tol_option
 
 GAIN = "gain"
 """The batch entry that carries κ through an unrolled free phase (:meth:`LM.with_parameter_terms`)."""
@@ -52,6 +53,9 @@ class LMConfig(Config):
     c: float = option(1.0, "damping in the attention term s·(Attn(z) − c·z)", ge=0)
     eps: float = option(0.1, "relaxation step size ε", gt=0)
     T1: int = option(120, "free-phase steps", ge=1)
+    solver: str = solver_option()
+    tol: float = tol_option()
+    memory: int = memory_option()
     context: int = option(64, "characters per sequence T", ge=1)
     width: int = option(128, "embedding width C", ge=1)
     heads: int = option(4, "attention heads (each C/heads wide)", ge=1)
@@ -102,7 +106,8 @@ class LM(nn.Module):
 
     @property
     def dynamics(self) -> Dynamics:
-        return Dynamics(eps=self.config.eps, T1=self.config.T1)
+        cfg = self.config
+        return Dynamics(eps=cfg.eps, T1=cfg.T1, solver=cfg.solver, tol=cfg.tol, memory=cfg.memory)
 
     def parameter_groups(self) -> dict[str, list[str]]:
         groups = {"attention": ["W_Q", "W_K", "W_V", "W_O"], "readout": ["W_head"]}

@@ -23,6 +23,7 @@ from torch import nn
 from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, DataSpec, Dynamics, State
 from ep_core.relax import unrolled_loss
+from ep_core.solvers import memory_option, solver_option, tol_option
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ToyConfig(Config):
     coupling: float = option(0.5, "spectral norm of W at initialisation", ge=0, lt=1)
     eps: float = option(0.2, "relaxation step size ε", gt=0)
     T1: int = option(300, "free-phase steps", ge=1)
+    solver: str = solver_option()
+    tol: float = tol_option()
+    memory: int = memory_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,7 +64,8 @@ class Toy(nn.Module):
 
     @property
     def dynamics(self) -> Dynamics:
-        return Dynamics(eps=self.config.eps, T1=self.config.T1)
+        cfg = self.config
+        return Dynamics(eps=cfg.eps, T1=cfg.T1, solver=cfg.solver, tol=cfg.tol, memory=cfg.memory)
 
     def parameter_groups(self) -> dict[str, list[str]]:
         return {"coupling": ["W"], "input": ["U", "b"]}

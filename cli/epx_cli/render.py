@@ -142,8 +142,8 @@ def fmt_bytes(value: int | None) -> str:
 
 def comparison_title(data: dict[str, Any]) -> str:
     model = data["model"]
-    knobs = ", ".join(f"{k}={model['config'][k]}" for k in ("s", "T1", "eps", "project", "conservative", "dim",
-                                                             "blocks", "attn", "layers", "width")
+    knobs = ", ".join(f"{k}={model['config'][k]}" for k in ("s", "T1", "eps", "project", "conservative", "solver",
+                                                             "dim", "blocks", "attn", "layers", "width")
                       if k in model["config"])
     source = data["data"]
     return (f"{', '.join(r['label'] for r in data['results'][1:])} vs {data['reference']} on {model['name']} "

@@ -82,6 +82,8 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
              diverged: Callable[[int], NoReturn]) -> tuple[State, int]:
     """Anderson acceleration (module docstring): (U(x) at the first x within ``tol``, evaluations used); at most
     ``steps`` evaluations. ``diverged(k)`` is called at the first evaluation k whose image is not finite."""
+    if steps < 1:
+        return start, 0
     shapes = [t.shape for t in start]
     batch = shapes[0][0]
     sizes = [t[0].numel() for t in start]
@@ -132,7 +134,7 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
         rhs[:, 0] = 1
         alpha = (torch.linalg.solve(system, rhs)[:, 1:, 0] / sizes_f).to(image.dtype)     # B × n_hist, Σ α = 1
         xs.append((alpha[:, :, None] * torch.stack(images, dim=1)).sum(dim=1))
-    raise AssertionError("unreachable: the loop returns at its last evaluation")
+    raise AssertionError("the loop returns at its last evaluation")
 
 
 SOLVERS: dict[str, Solver] = {"plain": plain, "anderson": anderson}

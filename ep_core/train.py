@@ -137,14 +137,15 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
     model_class = registry.get("model", model).factory
     defaults = dict(model_class.training_defaults) if isinstance(model_class, HasTrainingDefaults) else {}
     config = TrainConfig.from_mapping({**defaults, **(train_settings or {})})
-    exact = reference if reference not in (None, estimator) else None
+    compared_with = reference if reference not in (None, estimator) else None
     problem = build_problem(registry, model, [estimator], settings=settings, model_settings=model_settings,
-                            references=[exact] if exact else [], data=data, data_dir=data_dir, download=download,
-                            warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device, held_out=True)
+                            references=[compared_with] if compared_with else [], data=data, data_dir=data_dir,
+                            download=download, warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+                            held_out=True)
     network, dataset, batch_size = problem.model, problem.dataset, problem.batch_size
     if not any(p.requires_grad for p in network.parameters()):
         raise ConfigError("model", f"{model} has no trainable parameters")
-    rule, exact = problem.estimators[estimator], problem.estimators.get(exact)
+    rule, exact = problem.estimators[estimator], problem.estimators.get(compared_with)
     steps_per_epoch = None if dataset is None else samples_in(network, dataset) // batch_size
     config = config.resolved(steps_per_epoch)
     frozen = frozen_parameters(network, config.frozen_patterns)

@@ -41,6 +41,11 @@ class BPTT:
     def __init__(self, config: BPTTConfig | None = None):
         self.config = config or BPTTConfig()
 
+    def capturable(self, model) -> bool:
+        """The unrolled free phase is T1 plain steps whatever the model's solver; a feed-forward loss may read
+        values back, so only an equilibrium model's is recorded."""
+        return isinstance(model, EquilibriumModel)
+
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
         if not isinstance(model, EquilibriumModel):
             return GradientEstimate(grads=parameter_gradient(model, lambda: model.loss(batch)))

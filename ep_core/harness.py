@@ -18,7 +18,8 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from ep_core.protocols import (Batch, EpxError, EquilibriumModel, GradientEstimate, ResidualModel, State,
                                StatefulEstimator)
 from ep_core.analysis import fixed_point_stability
+from ep_core.capture import Runner, eager_estimate
 from ep_core.relax import CONVERGED_TOL, norm, sub
 from ep_core.residual_stream import meaningless, residual_stream
 from ep_core.seeding import ESTIMATOR_STREAM, PROBE_STREAM, STATE_STREAM, generator
@@ -78,67 +80,113 @@ class Measurement:
     deterministic: bool
     calls: dict[str, int] = field(default_factory=dict)
     """Force (and non-conservative part) evaluations of one estimate; empty for a model without a force."""
+    mode: str = "eager"
+    """How the timed estimates ran: "captured" (replays of a CUDA graph) or "eager"."""
+    group_size: int = 1
+    """Problems timed together (:func:`measure_group`): ``ms`` are the times of all of them."""
 
 
 def _same(a: GradientEstimate, b: GradientEstimate) -> bool:
     return all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
 
 
-class Counted:
-    """``model`` with its calls of ``force`` and ``nonconservative`` counted: how the harness knows what an estimate
-    cost in force evaluations, without each estimator counting by hand. Everything else is the model's own, so the
-    protocols the model satisfies are the ones this satisfies."""
-
-    COUNTED = ("force", "nonconservative")
-
-    def __init__(self, model: Any):
-        self._model = model
-        self.calls = {name: 0 for name in self.COUNTED}
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._model, name)
-        if name not in self.COUNTED:
-            return value
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls[name] += 1
-            return value(*args, **kwargs)
-        return counted
+COUNTED = ("force", "nonconservative")
 
 
-def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: int = 1) -> Measurement:
+@contextmanager
+def counting(model: Any) -> Iterator[dict[str, int]]:
+    """Count ``model``'s calls of ``force`` and ``nonconservative`` while the block runs: how the harness knows what
+    an estimate cost in force evaluations, without each estimator counting by hand. The counters are put on the
+    model itself, shadowing its methods until the block ends, rather than on a proxy: Python 3.12's protocol
+    checks look attributes up statically, and would not see a proxy's forwarded ones."""
+    calls = {name: 0 for name in COUNTED}
+    wrapped = []
+    for name in COUNTED:
+        method = getattr(model, name, None)
+        if method is None:
+            continue
+
+        def counted(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+        object.__setattr__(model, name, counted)
+        wrapped.append(name)
+    try:
+        yield calls
+    finally:
+        for name in wrapped:
+            object.__delattr__(model, name)
+
+
+def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: int = 1,
+            eager: bool = False) -> Measurement:
     """Run one untimed estimate (whose result is returned, and whose force evaluations are counted), ``warmup − 1``
-    more untimed ones, then ``repeats`` timed ones; each gets the estimator generator derived from ``seed``."""
-    device = next(model.parameters()).device
+    more untimed ones, then ``repeats`` timed ones; each gets the estimator generator derived from ``seed``. On
+    CUDA a capturable estimator's estimates are replays of one CUDA graph (:mod:`ep_core.capture`) unless
+    ``eager``: the force evaluations are counted on an eager run first, and peak memory is the graph's."""
+    return measure_group([(estimator, model)], [batch], seeds=[seed], repeats=repeats, warmup=warmup,
+                         eager=eager)[0]
+
+
+def measure_group(members: Sequence[tuple[Any, Any]], batches: Sequence[Batch], *, seeds: Sequence[int],
+                  repeats: int, warmup: int = 1, eager: bool = False) -> list[Measurement]:
+    """:func:`measure` for several (estimator, model) problems run together (:class:`ep_core.capture.Runner`):
+    on CUDA, captured, their estimates are one graph whose problems run side by side, and every timed run times
+    them all; eagerly they run one after the other. Each problem's estimate is what it would be alone.
+
+    An estimator whose work is fixed makes the same evaluations on every problem of one configuration, so where
+    the group is captured they are counted on one eager run per configuration; eagerly, on each problem's own
+    first run."""
+    device = next(members[0][1].parameters()).device
     cuda = device.type == "cuda"
+    runner = Runner(list(members), eager=eager)
 
-    def run(on: Any = model) -> GradientEstimate:
-        return estimator.estimate(on, batch, generator=generator(seed, ESTIMATOR_STREAM, device))
+    def generators() -> list[torch.Generator]:
+        return [generator(seed, ESTIMATOR_STREAM, device) for seed in seeds]
 
-    counted = Counted(model)
-    first = run(counted)
-    broken = [name for name, g in first.grads.items() if not bool(torch.isfinite(g).all())]
-    if broken:
-        raise EpxError(f"{type(estimator).name} returned non-finite gradients for {', '.join(broken)}")
+    calls: list[dict[str, int]] = []
+    if runner.capture_wanted():
+        counted_by_kind: dict[tuple, dict[str, int]] = {}
+        for (estimator, model), batch, seed in zip(members, batches, seeds):
+            kind = (type(estimator), estimator.config, model.config)
+            if kind not in counted_by_kind:
+                with counting(model) as counted_by_kind[kind]:
+                    eager_estimate(estimator, model, batch, generator=generator(seed, ESTIMATOR_STREAM, device))
+            calls.append(counted_by_kind[kind])
+        firsts = runner.run(list(batches), generators())
+    else:
+        firsts = []
+        for (estimator, model), batch, gen in zip(members, batches, generators()):
+            with counting(model) as counted:
+                firsts.append(eager_estimate(estimator, model, batch, generator=gen))
+            calls.append(counted)
+    for (estimator, _), first in zip(members, firsts):
+        broken = [name for name, g in first.grads.items() if not bool(torch.isfinite(g).all())]
+        if broken:
+            raise EpxError(f"{type(estimator).name} returned non-finite gradients for {', '.join(broken)}")
     for _ in range(warmup - 1):
-        run()
+        runner.run(list(batches), generators())
     times: list[float] = []
     peak: int | None = None
-    deterministic = True
+    deterministic = [True] * len(members)
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize(device)
             baseline = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        again = run()
+        again = runner.run(list(batches), generators())
         if cuda:
             torch.cuda.synchronize(device)
         times.append(1000 * (time.perf_counter() - start))
         if cuda:
             peak = max(peak or 0, torch.cuda.max_memory_allocated(device) - baseline)
-        deterministic = deterministic and _same(first, again)
-    return Measurement(first, times, peak, deterministic, counted.calls if isinstance(model, EquilibriumModel) else {})
+        deterministic = [d and _same(a, b) for d, a, b in zip(deterministic, firsts, again)]
+    if runner.mode == "captured":
+        peak = max(peak or 0, runner.peak_bytes or 0)
+    return [Measurement(first, times, peak, same, counts if isinstance(model, EquilibriumModel) else {},
+                        mode=runner.mode, group_size=len(members))
+            for first, same, counts, (_, model) in zip(firsts, deterministic, calls, members)]
 
 
 @dataclass
@@ -158,6 +206,8 @@ class Result:
     deterministic: bool
     fixed_point_distance: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    execution: str = "eager"
+    """"captured" when the timed estimates were replays of a CUDA graph, else "eager"."""
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -234,6 +284,7 @@ def _result(label: str, estimator, measurement: Measurement, metrics: dict[str, 
         force_evals=force_evals,
         deterministic=measurement.deterministic,
         stats=stats,
+        execution=measurement.mode,
     )
 
 
@@ -262,33 +313,75 @@ def _end_state(estimate: GradientEstimate) -> State | None:
 def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, reference: tuple[str, Any],
             seed: int = 0, repeats: int = 3, warmup: int = 1, converged_tol: float = CONVERGED_TOL,
             stability_iterations: int = 30, meta: Mapping[str, Any] | None = None,
-            progress: Progress | None = None) -> Comparison:
+            progress: Progress | None = None, eager: bool = False) -> Comparison:
     """Measure each (label, estimator) against the reference (label, estimator) on ``model`` and ``batch``.
 
     The reference is listed first in the results, with cosine 1 by construction. Where the reference reports
     the state it ended in, ρ(J_G) there is estimated with ``stability_iterations`` Arnoldi steps (0: skip) and
-    recorded as ``fixed_point``: whether the fixed point the estimators assume is an attracting one.
+    recorded as ``fixed_point``: whether the fixed point the estimators assume is an attracting one. ``eager``:
+    never replay CUDA graphs (:func:`measure`).
     """
+    case = Case(model=model, batch=batch, seed=seed, estimators=dict([reference, *estimators]), meta=meta or {})
+    return compare_cases([case], [label for label, _ in estimators], reference=reference[0], repeats=repeats,
+                         warmup=warmup, converged_tol=converged_tol, stability_iterations=stability_iterations,
+                         progress=progress, eager=eager)[0]
+
+
+@dataclass
+class Case:
+    """One problem of a comparison: a model, its batch and seed, its own estimators by label (the reference among
+    them) and what its comparison records about it (``meta``)."""
+
+    model: Any
+    batch: Batch
+    seed: int
+    estimators: dict[str, Any]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def compare_cases(cases: Sequence[Case], labels: Sequence[str], *, reference: str, repeats: int = 3,
+                  warmup: int = 1, converged_tol: float = CONVERGED_TOL, stability_iterations: int = 30,
+                  progress: Progress | None = None, eager: bool = False) -> list[Comparison]:
+    """:func:`compare` on each of ``cases`` (seeds, grid points), each estimator measured on all of them together
+    (:func:`measure_group`: on CUDA one graph whose problems run side by side). One :class:`Comparison` per case,
+    whose numbers are those it would have alone; with several cases its ``group`` says how many were timed
+    together, since each row's times are then the whole group's."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    groups = model.parameter_groups()
-    total = len(estimators) + 1
-    ref_label, ref_estimator = reference
-    for _, estimator in [reference, *estimators]:
-        init_state(estimator, model, seed=seed)
-    if progress:
-        progress(ref_label, 0, total)
-    ref_measurement = measure(ref_estimator, model, batch, seed=seed, repeats=repeats, warmup=warmup)
-    ref_grads = ref_measurement.estimate.grads
-    results = [_result(ref_label, ref_estimator, ref_measurement, gradient_metrics(ref_grads, ref_grads, groups),
-                       converged_tol)]
-    fixed_points = {ref_label: _end_state(ref_measurement.estimate)}
-    for done, (label, estimator) in enumerate(estimators, start=1):
+    if not cases:
+        raise ValueError("compare_cases needs at least one case")
+    total = len(labels) + 1
+    for case in cases:
+        for estimator in case.estimators.values():
+            init_state(estimator, case.model, seed=case.seed)
+    order = [reference, *labels]
+    measured: dict[str, list[Measurement]] = {}
+    for done, label in enumerate(order):
         if progress:
             progress(label, done, total)
-        m = measure(estimator, model, batch, seed=seed, repeats=repeats, warmup=warmup)
-        results.append(_result(label, estimator, m, gradient_metrics(m.estimate.grads, ref_grads, groups),
-                               converged_tol))
+        measured[label] = measure_group([(case.estimators[label], case.model) for case in cases],
+                                        [case.batch for case in cases], seeds=[case.seed for case in cases],
+                                        repeats=repeats, warmup=warmup, eager=eager)
+    comparisons = [_comparison(case, index, order, measured, reference=reference, repeats=repeats, warmup=warmup,
+                               converged_tol=converged_tol, stability_iterations=stability_iterations,
+                               group=len(cases))
+                   for index, case in enumerate(cases)]
+    if progress:
+        progress("done", total, total)
+    return comparisons
+
+
+def _comparison(case: Case, index: int, order: Sequence[str], measured: Mapping[str, list[Measurement]], *,
+                reference: str, repeats: int, warmup: int, converged_tol: float, stability_iterations: int,
+                group: int) -> Comparison:
+    model, batch, seed = case.model, case.batch, case.seed
+    groups = model.parameter_groups()
+    ref_grads = measured[reference][index].estimate.grads
+    results, fixed_points = [], {}
+    for label in order:
+        m = measured[label][index]
+        results.append(_result(label, case.estimators[label], m, gradient_metrics(m.estimate.grads, ref_grads,
+                                                                                    groups), converged_tol))
         fixed_points[label] = _end_state(m.estimate)
     for result in results:
         mine = fixed_points[result.label]
@@ -301,17 +394,17 @@ def compare(estimators: Sequence[tuple[str, Any]], model, batch: Batch, *, refer
                                                                      for g in ref_grads.values()])))
         stream["reference_grad_norm"] = reference_norm
         stream["not_meaningful"] = meaningless(stream, reference_norm)
-    end_state = fixed_points[ref_label]
+    end_state = fixed_points[reference]
     stability = None
     if stability_iterations and end_state is not None:
         stability = fixed_point_stability(model, batch, end_state, iterations=stability_iterations,
                                           generator=generator(seed, PROBE_STREAM))
-    if progress:
-        progress("done", total, total)
     device = next(model.parameters())
     info = {"seed": seed, "repeats": repeats, "warmup": warmup, "converged_tol": converged_tol,
             "dtype": str(device.dtype).removeprefix("torch."), "device": str(device.device),
             "parameter_groups": {g: list(m) for g, m in groups.items()}, "fixed_point": stability,
             "residual_stream": stream,
             "environment": environment()}
-    return Comparison(meta={**(meta or {}), **info}, reference=ref_label, results=results)
+    if group > 1:
+        info["group"] = {"size": group, "note": "each row's ms are the time of all the group's problems together"}
+    return Comparison(meta={**case.meta, **info}, reference=reference, results=results)

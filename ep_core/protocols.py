@@ -21,10 +21,10 @@ import torch
 from ep_core.config import Config
 from ep_core.errors import ConfigError, DivergenceError, EpxError, FileFormatError
 
-__all__ = ["Batch", "CachesParameterTerms", "ChoosesBackwardRules", "DataSpec", "Dataset", "DeclaresNonconservative",
-           "DivergenceError", "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel", "EstimateStats", "Estimator",
-           "GradientEstimate", "HasMetrics", "HasTrainingDefaults", "LocalModel", "Model", "NamedState",
-           "ResidualModel", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
+__all__ = ["Batch", "CachesParameterTerms", "Capturable", "ChoosesBackwardRules", "DataSpec", "Dataset",
+           "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel",
+           "EstimateStats", "Estimator", "GradientEstimate", "HasMetrics", "HasTrainingDefaults", "LocalModel",
+           "Model", "NamedState", "ResidualModel", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -193,9 +193,24 @@ class CachesParameterTerms(Protocol):
     """An equilibrium model whose force uses a term of the parameters alone that is costly to compute (lm's gain
     bound κ, an eigenvalue problem): ``with_parameter_terms(batch)`` is the batch carrying that term, computed once
     (with its autograd graph when grad is on), so that an unrolled free phase computes it once, not at every
-    step."""
+    step. ``parameter_term_inputs()`` is what the term needs that a CUDA graph cannot record (lm: the top
+    eigenvector, since an eigendecomposition reads its status back): computed eagerly before each replay of a
+    captured estimate and passed in with the batch, from which ``with_parameter_terms`` then computes the term
+    with recordable, differentiable operations."""
+
+    def parameter_term_inputs(self) -> Batch: ...
 
     def with_parameter_terms(self, batch: Batch) -> Batch: ...
+
+
+@runtime_checkable
+class Capturable(Protocol):
+    """An estimator whose estimate on ``model`` can be recorded once as a CUDA graph and replayed
+    (:mod:`ep_core.capture`): a fixed amount of device work whatever the data (no stopping on a tolerance), no
+    random draws, and no tensor read back except through ``ep_core.capture.finite`` and ``report``.
+    ``capturable(model)`` says whether that holds for this model and configuration."""
+
+    def capturable(self, model: Any) -> bool: ...
 
 
 @runtime_checkable

@@ -17,9 +17,10 @@ from typing import NoReturn
 
 import torch
 
+from ep_core.capture import report
 from ep_core.protocols import Batch, CachesParameterTerms, DivergenceError, Equilibrium, State
 from ep_core.solvers import is_finite as is_finite  # a primitive plugins take from here, with the rest
-from ep_core.solvers import SOLVERS, iterate
+from ep_core.solvers import SOLVERS, fixed_steps, iterate
 
 CONVERGED_TOL = 1e-4
 """A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
@@ -31,8 +32,9 @@ Correction = Callable[[State, State, State], State]
 """An extra nudged-phase term c(x, F(x), F(x) − β∇ₓC(x)), given both forces so it can reuse them."""
 
 
+# One kernel per operation where torch has one: on a GPU a relaxation step costs about its kernel count.
 def add(a: State, b: State, scale: float = 1.0) -> State:
-    return tuple(ai + scale * bi for ai, bi in zip(a, b, strict=True))
+    return tuple(torch.add(ai, bi, alpha=scale) for ai, bi in zip(a, b, strict=True))
 
 
 def sub(a: State, b: State) -> State:
@@ -44,11 +46,13 @@ def scale(a: State, factor: float | torch.Tensor) -> State:
 
 
 def inner(a: State, b: State) -> torch.Tensor:
-    return sum((ai * bi).sum() for ai, bi in zip(a, b, strict=True))
+    products = [torch.vdot(ai.reshape(-1), bi.reshape(-1)) for ai, bi in zip(a, b, strict=True)]
+    return products[0] if len(products) == 1 else torch.stack(products).sum()
 
 
 def norm(a: State) -> torch.Tensor:
-    return torch.sqrt(sum(ai.pow(2).sum() for ai in a))
+    sizes = [torch.linalg.vector_norm(ai) for ai in a]
+    return sizes[0] if len(sizes) == 1 else torch.linalg.vector_norm(torch.stack(sizes))
 
 
 def detach(a: State) -> State:
@@ -72,10 +76,11 @@ class Relaxation:
 
 
 def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: Drive | None = None,
-          solver: str | None = None) -> Relaxation:
+          solver: str | None = None, origin: State | None = None) -> Relaxation:
     """Find the fixed point of x ↦ Π(x + ε(F(x) + d(x, F(x)))) from ``state``, without building a graph: with the
     model's solver (or ``solver``), ``steps`` plain steps or at most ``steps`` accelerated ones
-    (:mod:`ep_core.solvers`); ``Relaxation.steps`` is the number of force evaluations used."""
+    (:mod:`ep_core.solvers`), whose tolerance is relative to the distance from ``origin`` (default: ``state``);
+    ``Relaxation.steps`` is the number of force evaluations used."""
     dynamics = model.dynamics
     eps = dynamics.eps
 
@@ -90,7 +95,8 @@ def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: D
 
     with torch.no_grad():
         x, used = SOLVERS[solver or dynamics.solver](update, detach(state), steps, tol=dynamics.tol,
-                                                      memory=dynamics.memory, diverged=diverged)
+                                                      memory=dynamics.memory, diverged=diverged,
+                                                      origin=None if origin is None else detach(origin))
     return Relaxation(state=x, steps=used)
 
 
@@ -102,10 +108,10 @@ def divergence_remedy(phase: str, eps: float) -> str:
 
 
 def residual(model, batch: Batch, state: State) -> float:
-    """r = ||G(x) − x|| / ||x||; one force evaluation."""
+    """r = ||G(x) − x|| / ||x||; one force evaluation (read out after the replay in a captured estimate)."""
     with torch.no_grad():
         moved = relaxation_map(model, batch)(state)
-        return float(norm(sub(moved, state)) / norm(state).clamp_min(torch.finfo(state[0].dtype).tiny))
+        return report(norm(sub(moved, state)) / norm(state).clamp_min(torch.finfo(state[0].dtype).tiny))
 
 
 def free_phase(model, batch: Batch, steps: int | None = None) -> Equilibrium:
@@ -158,13 +164,19 @@ def contrast(model, batch: Batch, equilibrium: Equilibrium, *, beta: float, step
     """The EP adjoint estimate a: relax T2 steps from x* under F ∓ β∇ₓC (+ correction) and form
 
     a = (x⁻ − x⁺) / (2β)  (centered)   or   a = (x* − x⁺) / β  (one-sided).
+
+    A solver that runs to a tolerance starts the −β phase from 2x* − x⁺, the reflection of the +β phase's end:
+    the two fixed points are x* ± δ + O(β²), so it starts O(β²) from its own instead of O(β), and its tolerance
+    stays relative to the displacement from x*. The plain solver starts both from x*, as T2 steps are defined.
     """
-    plus = relax(model, batch, equilibrium.state, steps, phase="nudged", drive=nudge(model, batch, beta, correction))
+    x_star = equilibrium.state
+    plus = relax(model, batch, x_star, steps, phase="nudged", drive=nudge(model, batch, beta, correction))
     if centered:
-        minus = relax(model, batch, equilibrium.state, steps, phase="nudged",
-                      drive=nudge(model, batch, -beta, correction))
+        start = x_star if fixed_steps(model.dynamics) else sub(scale(x_star, 2.0), plus.state)
+        minus = relax(model, batch, start, steps, phase="nudged", drive=nudge(model, batch, -beta, correction),
+                      origin=x_star)
         return scale(sub(minus.state, plus.state), 1 / (2 * beta))
-    return scale(sub(equilibrium.state, plus.state), 1 / beta)
+    return scale(sub(x_star, plus.state), 1 / beta)
 
 
 def linearize(fn: Callable[[State], State], state: State) -> tuple[State, Callable[[State], State]]:

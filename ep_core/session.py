@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ep_core.config import ConfigError, suggest
-from ep_core.harness import Comparison, Progress, compare
+from ep_core.harness import Case, Comparison, Progress, compare_cases
 from ep_core.plugins import Registry
 from ep_core.protocols import Batch, DataSpec, Dataset, EquilibriumModel, Model, SyntheticData
 from ep_core.seeding import DATA_STREAM, INIT_STREAM, MASK_STREAM, check_seed, generator
@@ -379,17 +379,38 @@ def run_comparison(registry: Registry, estimators: Sequence[str], model_name: st
                    data_dir: str | None = None, batch_size: int | None = None, seed: int = 0,
                    dtype: str = "float32", device: str = "cpu", repeats: int = 3, download: bool = True,
                    warn: Callable[[str], None] | None = None, progress: Progress | None = None,
-                   dataset: Any | None = None) -> Comparison:
-    """:func:`build_problem`, then :func:`ep_core.harness.compare` on its seeded batch.
+                   dataset: Any | None = None, eager: bool = False) -> Comparison:
+    """:func:`build_problem`, then :func:`ep_core.harness.compare` on its seeded batch (``eager``: no CUDA graphs).
 
     ``dataset`` reuses data already loaded (a sweep loads them once); otherwise ``data`` is loaded here.
     """
+    return run_comparisons(registry, estimators, model_name, reference=reference, settings=settings,
+                           model_settings=model_settings, data=data, data_dir=data_dir, batch_size=batch_size,
+                           seeds=[seed], dtype=dtype, device=device, repeats=repeats, download=download, warn=warn,
+                           progress=progress, dataset=dataset, eager=eager)[0]
+
+
+def run_comparisons(registry: Registry, estimators: Sequence[str], model_name: str, *, seeds: Sequence[int],
+                    reference: str = "bptt", settings: Mapping[str, str] | None = None,
+                    model_settings: Mapping[str, str] | None = None, data: str = "auto",
+                    data_dir: str | None = None, batch_size: int | None = None, dtype: str = "float32",
+                    device: str = "cpu", repeats: int = 3, download: bool = True,
+                    warn: Callable[[str], None] | None = None, progress: Progress | None = None,
+                    dataset: Any | None = None, eager: bool = False) -> list[Comparison]:
+    """One comparison per seed of ``seeds`` — its own model initialisation and batch, the same configuration —
+    measured together (:func:`ep_core.harness.compare_cases`: on CUDA, each estimator's problems are one graph
+    that runs them side by side). Each comparison's numbers are those of a run with that seed alone."""
+    if not seeds:
+        raise ConfigError("seeds", "give at least one seed")
     labels = [label for label in dict.fromkeys(estimators) if label != reference]
-    problem = build_problem(registry, model_name, [reference, *labels], settings=settings,
-                            model_settings=model_settings, data=data, data_dir=data_dir, download=download,
-                            warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device, dataset=dataset)
-    built = problem.estimators
-    prepared = problem.batch()
-    return compare([(label, built[label]) for label in labels], problem.model, prepared.batch,
-                   reference=(reference, built[reference]), seed=seed, repeats=repeats,
-                   meta=problem.describe(prepared), progress=progress)
+    cases = []
+    for seed in seeds:
+        problem = build_problem(registry, model_name, [reference, *labels], settings=settings,
+                                model_settings=model_settings, data=data, data_dir=data_dir, download=download,
+                                warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+                                dataset=dataset)
+        dataset = problem.dataset
+        prepared = problem.batch()
+        cases.append(Case(model=problem.model, batch=prepared.batch, seed=seed, estimators=problem.estimators,
+                          meta=problem.describe(prepared)))
+    return compare_cases(cases, labels, reference=reference, repeats=repeats, progress=progress, eager=eager)

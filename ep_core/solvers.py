@@ -14,8 +14,9 @@ starting from x₀, with at most ``steps`` evaluations of U:
                rounding floor: cet's nudged phases in float64 stall near 1e-10, plain and accelerated alike), it
                returns the U(x) of that smallest residual.
 
-The residual is measured against the distance from the start, not against ‖x‖: a nudged phase moves x* by O(β),
-and EP divides that displacement by β, so its error must be small relative to the displacement itself.
+The residual is measured against the distance from the start (or from an ``origin`` the caller names: x* for a
+nudged phase started elsewhere), not against ‖x‖: a nudged phase moves x* by O(β), and EP divides that
+displacement by β, so its error must be small relative to the displacement itself.
 
 Anderson reaches the fixed point that the plain iteration converges to (when it converges) in far fewer
 evaluations; it does not change where the fixed point is, so it applies to the free and nudged phases of every
@@ -25,10 +26,11 @@ estimator. It reads the residual back once per evaluation, to stop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
+from ep_core.capture import finite
 from ep_core.config import option
 from ep_core.protocols import State
 
@@ -43,26 +45,28 @@ PATIENCE = 10
 
 
 def is_finite(a: State) -> bool:
-    # A sum is non-finite whenever any entry is, so this costs one reduction and one host sync per tensor.
-    return all(bool(torch.isfinite(ai.sum())) for ai in a)
+    """Whether every entry is finite: exact (a sum can overflow on finite entries), one host read per tensor."""
+    return all(bool(torch.isfinite(ai).all()) for ai in a)
 
 
 def iterate(update: Callable[[State], State], start: State, steps: int, *,
             diverged: Callable[[int], NoReturn]) -> State:
-    """x_{t+1} = update(x_t) for ``steps`` steps from ``start``. The entries' sums are accumulated on the device
-    (an inf or NaN stays one) and read once per :data:`CHECK_EVERY` steps; a chunk whose flag is not finite is
-    run again from its start checking every step, and ``diverged(t)`` is called with the first non-finite step
-    t. ``update`` must be deterministic, so that the second run retraces the first (a flag that overflowed on
-    finite states finds no such step, and the iteration goes on)."""
+    """x_{t+1} = update(x_t) for ``steps`` steps from ``start``. Once per :data:`CHECK_EVERY` steps the sum of the
+    state's entries is formed on the device and read; a chunk that ends non-finite is run again from its start
+    checking every step, and ``diverged(t)`` is called with the first non-finite step t. The end of a chunk
+    stands for all of it because a non-finite value does not come back: an inf turns into NaN at the next
+    difference, and NaN passes through every operation of a force; checking each step instead would add a
+    reduction per state tensor to every step, a fifth of a GPU step's kernels. ``update`` must be deterministic,
+    so that the second run retraces the first (a sum that overflowed on finite states finds no such step, and the
+    iteration goes on). Inside a captured estimate the sums are read after the replay instead
+    (:func:`ep_core.capture.finite`)."""
     x, done = start, 0
     while done < steps:
         chunk = min(CHECK_EVERY, steps - done)
-        begin, flag = x, None
+        begin = x
         for _ in range(chunk):
             x = update(x)
-            total = sum(ai.sum() for ai in x)
-            flag = total if flag is None else flag + total
-        if not bool(torch.isfinite(flag)):
+        if not finite(_sum(x)):
             x = begin
             for t in range(done + 1, done + chunk + 1):
                 x = update(x)
@@ -72,16 +76,27 @@ def iterate(update: Callable[[State], State], start: State, steps: int, *,
     return x
 
 
+def _sum(a: State) -> torch.Tensor:
+    sums = [ai.sum() for ai in a]
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+
+
 def plain(update: Update, start: State, steps: int, *, tol: float, memory: int,
-          diverged: Callable[[int], NoReturn]) -> tuple[State, int]:
-    """``steps`` plain steps (``tol`` and ``memory`` unused): (x_steps, steps)."""
+          diverged: Callable[[int], NoReturn], origin: State | None = None) -> tuple[State, int]:
+    """``steps`` plain steps (``tol``, ``memory`` and ``origin`` unused): (x_steps, steps)."""
     return iterate(update, start, steps, diverged=diverged), steps
 
 
 def anderson(update: Update, start: State, steps: int, *, tol: float, memory: int,
-             diverged: Callable[[int], NoReturn]) -> tuple[State, int]:
+             diverged: Callable[[int], NoReturn], origin: State | None = None) -> tuple[State, int]:
     """Anderson acceleration (module docstring): (U(x) at the first x within ``tol``, evaluations used); at most
-    ``steps`` evaluations. ``diverged(k)`` is called at the first evaluation k whose image is not finite."""
+    ``steps`` evaluations. The residual is relative to the distance from ``origin`` (default: ``start``).
+    ``diverged(k)`` is called at the first evaluation k whose image is not finite.
+
+    The last ``memory`` images and residuals live in ring buffers (batch × memory × n, in the state's dtype) and
+    the residuals' Gram matrix is updated by one row per evaluation: one pass over the history for the new
+    products and one for the mixing, where rebuilding both from a stacked history cost as much as a force
+    evaluation on lm."""
     if steps < 1:
         return start, 0
     shapes = [t.shape for t in start]
@@ -94,50 +109,59 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
     def unflat(vector: torch.Tensor) -> State:
         return tuple(part.reshape(shape) for part, shape in zip(vector.split(sizes, dim=1), shapes))
 
-    origin = flat(start)
-
-    def evaluate(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    x = flat(start)
+    reference = x if origin is None else flat(origin)
+    images = torch.empty(batch, memory, x.shape[1], dtype=x.dtype, device=x.device)
+    residuals = torch.empty_like(images)
+    gram = torch.zeros(batch, memory, memory, dtype=torch.float64, device=x.device)
+    tiny = torch.finfo(torch.float64).tiny
+    best = (float("inf"), x, 0)
+    stored = 0
+    for k in range(1, steps + 1):
         image = flat(update(unflat(x)))
-        residual = float(torch.linalg.vector_norm(image - x) / torch.linalg.vector_norm(image - origin).clamp_min(
-            torch.finfo(x.dtype).tiny))
         if not bool(torch.isfinite(image.sum())):
             diverged(k)
-        # A residual that overflows on finite states is as far from the tolerance as can be, not a divergence.
-        return image, residual if residual == residual else float("inf")
-
-    xs, images = [origin], []
-    best = (float("inf"), origin, 0)
-    for k in range(1, steps + 1):
-        image, residual = evaluate(xs[-1], k)
-        images.append(image)
+        f = image - x
+        moved = torch.linalg.vector_norm(image - reference)
+        residual = float(torch.linalg.vector_norm(f) / moved.clamp_min(torch.finfo(x.dtype).tiny))
+        residual = residual if residual == residual else float("inf")  # an overflow on finite states is not NaN
         if residual <= tol:
             return unflat(image), k
         if residual < best[0]:
             best = (residual, image, k)
         if k == steps or k - best[2] > PATIENCE * memory:
             return unflat(best[1]), k
-        xs, images = xs[-memory:], images[-memory:]
-        if residual == float("inf"):  # the residuals' norms overflow: no mixing, a plain step
-            xs.append(image)
+        if residual == float("inf"):  # the residuals' products would overflow: no mixing, a plain step
+            x = image
             continue
-        # f_i = d_i·f̂_i with unit f̂_i: the Gram matrix of the f̂_i has a unit diagonal, so the newest residuals,
-        # orders of magnitude smaller than the oldest, are not lost below the regularisation.
-        residuals = torch.stack([u - x for u, x in zip(images, xs)], dim=1).double()     # B × n_hist × n
-        sizes_f = torch.linalg.vector_norm(residuals, dim=2).clamp_min(torch.finfo(torch.float64).tiny)
-        unit = residuals / sizes_f[:, :, None]
-        count = len(xs)
-        system = torch.zeros(batch, count + 1, count + 1, dtype=torch.float64, device=image.device)
-        system[:, 0, 1:] = system[:, 1:, 0] = 1 / sizes_f
-        system[:, 1:, 1:] = unit @ unit.transpose(1, 2) + REGULARISATION * torch.eye(
-            count, dtype=torch.float64, device=image.device)
-        rhs = torch.zeros(batch, count + 1, 1, dtype=torch.float64, device=image.device)
+        slot, count = stored % memory, min(stored + 1, memory)
+        stored += 1
+        images[:, slot], residuals[:, slot] = image, f
+        products = torch.bmm(residuals[:, :count], f[:, :, None])[:, :, 0].double()       # B × count
+        gram[:, slot, :count] = gram[:, :count, slot] = products
+        # α = argmin ‖Σ α_i f_i‖² with Σ α_i = 1, from the Gram matrix of the unit f_i/‖f_i‖: a unit diagonal, so
+        # the newest residuals, orders of magnitude smaller than the oldest, are not lost below the
+        # regularisation.
+        lengths = torch.diagonal(gram[:, :count, :count], dim1=1, dim2=2).clamp_min(tiny).sqrt()     # B × count
+        system = torch.zeros(batch, count + 1, count + 1, dtype=torch.float64, device=x.device)
+        system[:, 0, 1:] = system[:, 1:, 0] = 1 / lengths
+        system[:, 1:, 1:] = gram[:, :count, :count] / (lengths[:, :, None] * lengths[:, None, :]) + \
+            REGULARISATION * torch.eye(count, dtype=torch.float64, device=x.device)
+        rhs = torch.zeros(batch, count + 1, 1, dtype=torch.float64, device=x.device)
         rhs[:, 0] = 1
-        alpha = (torch.linalg.solve(system, rhs)[:, 1:, 0] / sizes_f).to(image.dtype)     # B × n_hist, Σ α = 1
-        xs.append((alpha[:, :, None] * torch.stack(images, dim=1)).sum(dim=1))
+        alpha = (torch.linalg.solve(system, rhs)[:, 1:, 0] / lengths).to(x.dtype)                # B × count
+        x = torch.bmm(alpha[:, None, :], images[:, :count])[:, 0]
     raise AssertionError("the loop returns at its last evaluation")
 
 
 SOLVERS: dict[str, Solver] = {"plain": plain, "anderson": anderson}
+FIXED_STEPS = frozenset({"plain"})
+"""Solvers whose work does not depend on the data, so that a relaxation they run can be captured as a CUDA graph."""
+
+
+def fixed_steps(dynamics: Any) -> bool:
+    """Whether the relaxations of a model with these dynamics take a fixed number of steps (capturable)."""
+    return dynamics.solver in FIXED_STEPS
 
 
 def solver_option() -> str:

@@ -26,7 +26,8 @@ from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
 from ep_core.seeding import check_seed
-from ep_core.session import model_data, run_comparison
+from ep_core.session import model_data, run_comparisons
+from ep_core.summary import mean_std
 
 FORMAT = "epx.sweep/1"
 
@@ -209,11 +210,14 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
               download: bool = True, warn: Callable[[str], None] | None = None,
               on_point: Callable[[int, int, Point], None] | None = None,
               on_record: Callable[[int, int, dict[str, Any], bool], None] | None = None,
-              progress: Progress | None = None) -> Sweep:
-    """Run every point of ``spec`` not already in ``out``; write ``out`` after each point.
+              progress: Progress | None = None, eager: bool = False) -> Sweep:
+    """Run every point of ``spec`` not already in ``out``; write ``out`` after each point's seeds.
 
-    ``on_point(index, total, point)`` is called before each point, ``on_record(index, total, record, resumed)``
-    after it, with its record (``resumed``: it was already in ``out``)."""
+    The seeds of one point are measured together (:func:`ep_core.session.run_comparisons`: on CUDA, one graph per
+    estimator that runs them side by side; ``eager``: no CUDA graphs), each with the numbers it has alone.
+    ``on_point(index, total, point)`` is called before a point's pending seeds run (with the first of them),
+    ``on_record(index, total, record, resumed)`` for each seed after they have, with its record (``resumed``: it
+    was already in ``out``)."""
     for seed in spec.seeds:
         check_seed(seed, option="--seed/--seeds")
     model_class = registry.get("model", spec.model).factory
@@ -237,41 +241,48 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     if len(done) < len(points):
         dataset = model_data(registry, model_class, spec.data, spec.model_settings, data_dir=data_dir,
                              download=download, warn=warn)
-    for index, point in enumerate(points):
-        if on_point:
-            on_point(index, len(points), point)
-        if point.id in done:
-            sweep.records.append(done[point.id])
-            if on_record:
-                on_record(index, len(points), done[point.id], True)
-            continue
-        settings, model_settings = _point_settings(spec, axes, point)
-        record: dict[str, Any] = {"id": point.id, "values": point.values, "seed": point.seed}
+    def measured(pending: list[Point]) -> list[dict[str, Any]]:
+        """The records of one grid point's pending seeds, measured together; when the group fails, each seed
+        alone, so that a seed's failure is its own record and the other seeds' results are kept."""
+        settings, model_settings = _point_settings(spec, axes, pending[0])
         try:
-            comparison = run_comparison(
+            comparisons = run_comparisons(
                 registry, [spec.reference, *labels], spec.model, reference=spec.reference, settings=settings,
-                model_settings=model_settings, data=spec.data, batch_size=spec.batch_size, seed=point.seed,
-                dtype=spec.dtype, device=spec.device, repeats=spec.repeats, dataset=dataset, progress=progress)
-            record |= {"status": "ok", "comparison": comparison.to_json()}
+                model_settings=model_settings, data=spec.data, batch_size=spec.batch_size,
+                seeds=[p.seed for p in pending], dtype=spec.dtype, device=spec.device, repeats=spec.repeats,
+                dataset=dataset, progress=progress, eager=eager)
         except UsageError:
             raise
         except EpxError as exc:
-            record |= {"status": "failed", "error": str(exc)}
-        sweep.records.append(record)
-        if out:
-            pending_done = [done[p.id] for p in points[index + 1:] if p.id in done]
+            if len(pending) > 1:
+                return [record for point in pending for record in measured([point])]
+            return [{"id": pending[0].id, "values": pending[0].values, "seed": pending[0].seed, "status": "failed",
+                     "error": str(exc)}]
+        return [{"id": p.id, "values": p.values, "seed": p.seed, "status": "ok", "comparison": c.to_json()}
+                for p, c in zip(pending, comparisons)]
+
+    index = 0
+    while index < len(points):
+        end = index
+        while end < len(points) and points[end].values == points[index].values:
+            end += 1
+        members = range(index, end)
+        pending = [i for i in members if points[i].id not in done]
+        if on_point and pending:
+            on_point(pending[0], len(points), points[pending[0]])
+        fresh = dict(zip(pending, measured([points[i] for i in pending]))) if pending else {}
+        for i in members:
+            resumed = i not in fresh
+            record = done[points[i].id] if resumed else fresh[i]
+            sweep.records.append(record)
+            if on_record:
+                on_record(i, len(points), record, resumed)
+        if out and pending:
+            pending_done = [done[p.id] for p in points[end:] if p.id in done]
             write_atomic(out, json.dumps({**sweep.to_json(), "records": sweep.records + pending_done},
                                          indent=1, allow_nan=False) + "\n")
-        if on_record:
-            on_record(index, len(points), record, False)
+        index = end
     return sweep
-
-
-def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
-    if not values or any(v is None for v in values):
-        return None
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
 
 
 def summarize(sweep: Mapping[str, Any], *, group: str | None = None) -> list[dict[str, Any]]:
@@ -299,9 +310,9 @@ def summarize(sweep: Mapping[str, Any], *, group: str | None = None) -> list[dic
         for label in labels:
             results = [next(r for r in run["results"] if r["label"] == label) for run in runs]
             estimators[label] = {
-                "cosine": _mean_std([r["metrics"]["cosine"] for r in results]),
-                "group_cosine": _mean_std([r["metrics"]["groups"].get(group) for r in results]) if group else None,
-                "ms": _mean_std([r["ms_median"] for r in results]),
+                "cosine": mean_std([r["metrics"]["cosine"] for r in results]),
+                "group_cosine": mean_std([r["metrics"]["groups"].get(group) for r in results]) if group else None,
+                "ms": mean_std([r["ms_median"] for r in results]),
             }
         distances = [d for run in runs for r in run["results"] for d in r["fixed_point_distance"].values()]
         summary.append({
@@ -310,7 +321,7 @@ def summarize(sweep: Mapping[str, Any], *, group: str | None = None) -> list[dic
             "seeds_run": len(runs) + len(row["errors"]),
             "reference": runs[0]["reference"] if runs else None,
             "estimators": estimators,
-            "residual": _mean_std([run["results"][0]["residual"] for run in runs]),
+            "residual": mean_std([run["results"][0]["residual"] for run in runs]),
             "converged": all(run["results"][0]["converged"] for run in runs) if runs else None,
             "fixed_point_distance": max(distances) if distances else None,
         })

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ep_core.capture import Runner
 from ep_core.config import ConfigError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import environment, gradient_metrics, init_state, jsonable
@@ -407,10 +408,13 @@ def read_log(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
 
 
 def train(run: Run, *, directory: Path | None = None, resume: bool = False,
-          progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Train ``run.model`` with ``run.estimator``; return every log record (see the module docstring)."""
+          progress: Progress | None = None, eager: bool = False) -> list[dict[str, Any]]:
+    """Train ``run.model`` with ``run.estimator``; return every log record (see the module docstring). On CUDA a
+    capturable estimator's estimates are replays of one CUDA graph (:mod:`ep_core.capture`) unless ``eager``."""
     progress = progress or Progress()
     config, model = run.config, run.model
+    runners = {"estimator": Runner((run.estimator, model), eager=eager),
+               "reference": None if run.reference is None else Runner((run.reference, model), eager=eager)}
     optimizer = make_optimizer(model, config, run.frozen)
     generators = _generators(run)
     groups = model.parameter_groups()
@@ -447,7 +451,7 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
         if start == 0:
             emit({"kind": "eval", "step": 0, "val_loss": validation_loss(run)})
         for step in range(start + 1, config.steps + 1):
-            emit(_train_step(run, step, optimizer, generators, groups))
+            emit(_train_step(run, step, optimizer, generators, groups, runners))
             if step % config.eval_every == 0 or step == config.steps:
                 emit({"kind": "eval", "step": step, "val_loss": validation_loss(run)})
             if config.epochs is not None and step % run.steps_per_epoch == 0:
@@ -465,13 +469,13 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
 
 
 def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
-                groups: Mapping[str, list[str]]) -> dict[str, Any]:
+                groups: Mapping[str, list[str]], runners: Mapping[str, Runner | None]) -> dict[str, Any]:
     model, config = run.model, run.config
     started = time.perf_counter()
     batch = draw_batch(model, run.dataset, run.batch_size, data=generators["data"], mask=generators["mask"],
                        augment=config.augment)
     try:
-        estimate = run.estimator.estimate(model, batch, generator=generators["estimator"])
+        estimate = runners["estimator"](batch, generator=generators["estimator"])
     except EpxError as exc:
         raise EpxError(f"training step {step}: {exc}. If the loss or the residual grew over the previous steps "
                        "(see the log), training has pushed the model out of its stable regime: lower --lr") from exc
@@ -489,7 +493,7 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
         record["residual"] = equilibrium.residual
     if run.reference is not None and config.diagnose_every and (step % config.diagnose_every == 0
                                                                 or step == config.steps):
-        exact = run.reference.estimate(model, batch, generator=generator(run.seed, PROBE_STREAM))
+        exact = runners["reference"](batch, generator=generator(run.seed, PROBE_STREAM))
         metrics = gradient_metrics(estimate.grads, exact.grads, groups)
         record["diagnostic"] = {"cosine": metrics["cosine"], "groups": metrics["groups"],
                                 "rel_error": metrics["rel_error"],

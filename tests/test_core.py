@@ -348,8 +348,8 @@ def test_estimate_stats_are_typed():
 
 
 def test_iterate_reads_finiteness_per_chunk_yet_names_the_exact_step():
-    """x ← 2x in float32 overflows at step 128: found by re-running the chunk it fell in. A flag that overflows
-    on finite states (16 × 3e38) is a false alarm: the re-run finds no step and the iteration goes on."""
+    """x ← 2x in float32 overflows at step 128: found by re-running the chunk it fell in. A sum that overflows
+    on finite states (2 × 3e38) is a false alarm: the re-run finds no step and the iteration goes on."""
     from ep_core.solvers import CHECK_EVERY, iterate
 
     steps_seen = []
@@ -365,7 +365,7 @@ def test_iterate_reads_finiteness_per_chunk_yet_names_the_exact_step():
         iterate(lambda x: (2 * x[0],), (4 * torch.ones(1),), 130, diverged=diverged)
     assert steps_seen[-1] == 126
     calls = []
-    huge = (torch.full((1,), 3e38),)
+    huge = (torch.full((2,), 3e38),)
     end = iterate(lambda x: calls.append(1) or x, huge, 20, diverged=diverged)
     assert torch.equal(end[0], huge[0]) and len(calls) == 2 * 20  # both chunks' flags overflowed: each ran twice
     assert iterate(lambda x: (x[0] + 1,), (torch.zeros(1),), 37, diverged=diverged)[0].item() == 37

@@ -194,3 +194,18 @@ def test_parameter_groups_cover_every_parameter_once(model):
     members = [name for group in model.parameter_groups().values() for name in group]
     assert sorted(members) == sorted(name for name, _ in model.named_parameters())
     assert len(members) == len(set(members))
+
+
+@pytest.mark.parametrize("settings", [{}, {"channels": 3, "image": 32, "patch": 4, "stride": 4},
+                                      {"patch": 7, "stride": 3, "image": 28}])
+def test_cet_patches_are_exactly_f_unfold_and_f_fold(settings):
+    """Tiling patches are cut and pasted by reshapes (F.unfold and F.fold launch a kernel per image on CUDA);
+    the layout must be theirs, bit for bit, and overlapping patches still go through them."""
+    cfg = CETConfig(**settings)
+    model = CET(cfg, generator=torch.Generator().manual_seed(0)).double()
+    images = torch.randn(3, cfg.channels, cfg.image, cfg.image, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    patches = model._unfold(images)
+    assert torch.equal(patches, F.unfold(images, cfg.patch, stride=cfg.stride).transpose(1, 2))
+    folded = F.fold(patches.transpose(1, 2), (cfg.image, cfg.image), cfg.patch, stride=cfg.stride)
+    assert torch.equal(model._fold(patches), folded)

@@ -9,7 +9,7 @@ from epx_estimators.aep import AEP, AEPConfig
 from epx_estimators.ep import EP, EPConfig
 
 from ep_core.bptt import BPTT
-from ep_core.harness import Counted, gradient_metrics
+from ep_core.harness import counting, gradient_metrics
 from ep_core.models.toy import Toy, ToyConfig
 from ep_core.protocols import DivergenceError
 from ep_core.relax import free_phase, norm, relaxation_map, sub
@@ -42,13 +42,13 @@ def test_anderson_reaches_the_plain_fixed_point_in_a_third_of_the_evaluations(se
     plain_model, batch = toy(seed, T1=2000)
     fast_model, _ = toy(seed, T1=2000, solver="anderson", tol=1e-12, memory=8)
     reference = free_phase(plain_model, batch)
-    counted = Counted(fast_model)
-    accelerated = free_phase(counted, batch)
+    with counting(fast_model) as calls:
+        accelerated = free_phase(fast_model, batch)
     distance = float(norm(sub(accelerated.state, reference.state)) / norm(reference.state))
     assert distance <= 1e-10 and accelerated.residual <= 1e-11
     needed = plain_steps_to(plain_model, batch, 1e-12)
     assert accelerated.steps * 3 <= needed, (accelerated.steps, needed)
-    assert counted.calls["force"] == accelerated.steps + 1  # its evaluations and the residual's
+    assert calls["force"] == accelerated.steps + 1  # its evaluations and the residual's
 
 
 @pytest.mark.parametrize("estimator", [EP(EPConfig(beta=1e-3, T2=2000)), AEP(AEPConfig(beta=1e-3, T2=2000))])

@@ -83,7 +83,7 @@ def _without_timings(record):
     """What must be identical between runs: everything but wall-clock times and the environment."""
     if record["status"] != "ok":
         return record
-    comparison = {k: v for k, v in record["comparison"].items() if k not in ("environment",)}
+    comparison = {k: v for k, v in record["comparison"].items() if k not in ("environment", "group")}
     comparison["results"] = [{k: v for k, v in r.items() if k not in ("ms", "ms_median")}
                              for r in comparison["results"]]
     return {**record, "comparison": comparison}
@@ -97,16 +97,16 @@ def test_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path):
 
     partial = tmp_path / "partial.json"
 
-    def interrupt_at_third(index, total, point):
-        if index == 3:
+    def interrupt_at_third_point(index, total, point):
+        if index == 4:  # a point's two seeds run together: points 0 and 1 are done, 4 records
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(registry, spec, out=partial, on_point=interrupt_at_third)
-    assert len(json.loads(partial.read_text())["records"]) == 3
+        run_sweep(registry, spec, out=partial, on_point=interrupt_at_third_point)
+    assert len(json.loads(partial.read_text())["records"]) == 4
 
     resumed = run_sweep(registry, spec, out=partial)
-    assert resumed.resumed == 3
+    assert resumed.resumed == 4
     saved = json.loads(partial.read_text())["records"]
     assert [r["id"] for r in saved] == [r["id"] for r in whole.records]
     assert [_without_timings(r) for r in saved] == [_without_timings(r) for r in whole.records]

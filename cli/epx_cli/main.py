@@ -27,7 +27,7 @@ from ep_core.errors import (EXIT_OK, EXIT_RUNTIME, ConfigError, EpxError, Interr
 from ep_core.files import check_output, write_atomic
 from ep_core.seeding import SEED_MAX
 from ep_core.plugins import Registry, load
-from epx_cli.render import StdoutConsole, comparison_notes, comparison_report
+from epx_cli.render import SEEDS_FORMAT, StdoutConsole, comparison_notes, comparison_report, seeds_report
 
 PER_PARAMETER_AUTO = 6
 
@@ -322,6 +322,12 @@ def model_data_options(*, model_required: bool = True) -> list[Callable[..., Any
     ]
 
 
+eager_option = click.option(
+    "--eager", is_flag=True,
+    help="On CUDA, run every estimate step by step instead of replaying it as a CUDA graph (the default for ep, "
+         "aep, adjoint and bptt with the plain solver); same numbers to float tolerance, slower.")
+
+
 def comparison_options(*, repeats: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options that say what to compare on, shared by `compare` and `sweep`."""
     return apply_options([
@@ -333,6 +339,7 @@ def comparison_options(*, repeats: int) -> Callable[[Callable[..., Any]], Callab
         *model_data_options(),
         click.option("--repeats", default=repeats, show_default=True, type=click.IntRange(min=1),
                      help="Timed runs per estimator (after one warm-up); the median is reported."),
+        eager_option,
     ])
 
 
@@ -419,21 +426,30 @@ def warn(message: str) -> None:
               help="Also show the cosine of every parameter's gradient. Default: shown for models with at most "
                    f"{PER_PARAMETER_AUTO} parameters (lm, toy), not for larger ones (cet).")
 @click.option("--min-cosine", type=FiniteFloat(-1, 1), default=None,
-              help="Exit 3 unless every estimator's overall cosine to the reference is at least this.")
+              help="Exit 3 unless every estimator's overall cosine to the reference is at least this (for every "
+                   "seed).")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Compare on N problems, seeds --seed to --seed+N-1 (each its own initialisation and batch), "
+                   "measured together: on CUDA each estimator's N estimates replay as one CUDA graph that runs "
+                   "them side by side. The table shows every seed and the mean; --json gives every comparison.")
 @wide_option
 def compare(estimators: tuple[str, ...], model_name: str, reference: str, settings: tuple[str, ...],
             model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, batch_size: int,
-            seed: int, device: str, dtype: str, repeats: int, as_json: bool, out_file: Path | None,
-            per_parameter: bool | None, min_cosine: float | None, wide: bool) -> None:
+            seed: int, device: str, dtype: str, repeats: int, eager: bool, as_json: bool, out_file: Path | None,
+            per_parameter: bool | None, min_cosine: float | None, seeds: int, wide: bool) -> None:
     """Compare ESTIMATORS against the reference gradient on one model and batch.
 
     \b
     epx compare aep bptt --model cet
     epx compare ep aep adjoint --model cet --model-set s=0.5 --dtype float64 --set beta=0.001
     epx compare ep aep bptt --model lm --set aep.clip=1
+    epx compare ep aep bptt --model lm --seeds 8 --device cuda
     """
-    from ep_core.session import parse_settings, run_comparison
+    from ep_core.seeding import check_seed
+    from ep_core.session import parse_settings, run_comparisons
 
+    for extra in (seed, seed + seeds - 1):
+        check_seed(extra, option="--seed/--seeds")
     reg = check_names(estimators, model_name, reference, device)
     log = UnitLog("compare")
     with err.status("starting") as status:
@@ -441,20 +457,26 @@ def compare(estimators: tuple[str, ...], model_name: str, reference: str, settin
             status.update(f"[{done}/{total}] {label}")
             log.start(label, done, total)
 
-        comparison = run_comparison(
-            reg, estimators, model_name, reference=reference,
+        comparisons = run_comparisons(
+            reg, estimators, model_name, reference=reference, seeds=list(range(seed, seed + seeds)),
             settings=parse_settings(settings, "--set"), model_settings=parse_settings(model_settings, "--model-set"),
-            data=data, data_dir=data_dir, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
-            repeats=repeats, download=not no_download, warn=warn, progress=progress)
-    result = comparison.to_json()
-    if per_parameter is None:
-        per_parameter = len(result["results"][0]["metrics"]["parameters"]) <= PER_PARAMETER_AUTO
+            data=data, data_dir=data_dir, batch_size=batch_size, dtype=dtype, device=device,
+            repeats=repeats, download=not no_download, warn=warn, progress=progress, eager=eager)
+    results = [comparison.to_json() for comparison in comparisons]
+    if seeds == 1:
+        result = results[0]
+        if per_parameter is None:
+            per_parameter = len(result["results"][0]["metrics"]["parameters"]) <= PER_PARAMETER_AUTO
+        renderables, notes = comparison_report(result, per_parameter=per_parameter), comparison_notes(result)
+    else:
+        result = {"format": SEEDS_FORMAT, "seeds": list(range(seed, seed + seeds)), "comparisons": results}
+        renderables = seeds_report(result)
+        notes = [f"seed {s}: {note}" for s, one in zip(result["seeds"], results) for note in comparison_notes(one)]
     with out.natural_width(wide):
-        emit(result, comparison_report(result, per_parameter=per_parameter), comparison_notes(result),
-             as_json=as_json, out_file=out_file)
+        emit(result, renderables, notes, as_json=as_json, out_file=out_file)
     if min_cosine is not None:
-        below = [r["label"] for r in result["results"][1:]
-                 if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine]
+        below = sorted({r["label"] for one in results for r in one["results"][1:]
+                        if r["metrics"]["cosine"] is None or r["metrics"]["cosine"] < min_cosine})
         if below:
             raise ThresholdError(f"cosine below {min_cosine} for: {', '.join(below)}")
 

@@ -18,6 +18,8 @@ from rich.console import Console, ConsoleDimensions, ConsoleOptions, RenderableT
 from rich.table import Column, Table
 from rich.text import Text
 
+from ep_core.summary import mean_std
+
 # Without COLUMNS and a terminal, output is read later (a file, a pager, CI logs) where long lines cost little.
 PIPED_WIDTH = 200
 # --wide: wider than any table epx prints, so none is split; not unlimited, as rich pads some lines to the width.
@@ -148,7 +150,15 @@ def comparison_title(data: dict[str, Any]) -> str:
     source = data["data"]
     return (f"{', '.join(r['label'] for r in data['results'][1:])} vs {data['reference']} on {model['name']} "
             f"({knobs}) · data: {source['name']} ({source.get('batch_size')} samples) · "
-            f"{data['dtype']} {data['device']} · seed {data['seed']}")
+            f"{data['dtype']} {data['device']}{captured_note(data)} · seed {data['seed']}")
+
+
+def captured_note(data: dict[str, Any]) -> str:
+    """Which rows' times are replays of a CUDA graph (module ep_core.capture), when any are."""
+    captured = [r["label"] for r in data["results"] if r.get("execution") == "captured"]
+    if not captured:
+        return ""
+    return " (CUDA graphs)" if len(captured) == len(data["results"]) else f" (CUDA graphs: {', '.join(captured)})"
 
 
 def comparison_table(data: dict[str, Any]) -> Table:
@@ -241,6 +251,53 @@ def comparison_notes(data: dict[str, Any]) -> list[str]:
         notes.append("the cosines (marked ?) are not meaningful: "
                      + "; ".join(data["residual_stream"]["not_meaningful"]))
     return notes
+
+
+SEEDS_FORMAT = "epx.comparisons/1"
+
+
+def seeds_table(data: dict[str, Any]) -> Table:
+    """`epx compare --seeds N`: one row per seed (each estimator's overall cosine, the reference's residual), then
+    the mean ± std over the seeds, and each estimator's ms for the N problems timed together."""
+    comparisons = data["comparisons"]
+    first = comparisons[0]
+    labels = [r["label"] for r in first["results"]]
+    compared = labels[1:]
+    seeds = data["seeds"]
+    title = comparison_title(first).rsplit(" · seed ", 1)[0] + f" · seeds {seeds[0]}–{seeds[-1]}"
+    table = Table(title=title, header_style="bold",
+                  caption=f"ms: median per gradient of all {len(seeds)} problems together"
+                          + (" (replays of one CUDA graph)" if captured_note(first) else ""))
+    table.add_column("seed", justify="right", no_wrap=True)
+    for label in compared:
+        table.add_column(f"{label} cos\nall", justify="right")
+    table.add_column("rel err\n" + (compared[0] if len(compared) == 1 else "(mean)"), justify="right")
+    table.add_column("residual", justify="right")
+    cosines: dict[str, list[float | None]] = {label: [] for label in compared}
+    for seed, comparison in zip(seeds, comparisons):
+        rows = {r["label"]: r for r in comparison["results"]}
+        for label in compared:
+            cosines[label].append(rows[label]["metrics"]["cosine"])
+        errors = [rows[label]["metrics"]["rel_error"] for label in compared]
+        known = [e for e in errors if e is not None]
+        reference = rows[labels[0]]
+        table.add_row(str(seed), *(fmt_cosine(rows[label]["metrics"]["cosine"]) for label in compared),
+                      fmt_number(sum(known) / len(known) if known else None, ".3g"),
+                      fmt_residual(reference["residual"], reference["converged"]))
+    table.add_section()
+    table.add_row("mean", *(_mean_cosine(mean_std(cosines[label]), len(seeds)) for label in compared), "", "")
+    table.add_row("ms", *(fmt_number(rows["ms_median"], ".1f") for rows in first["results"][1:]), "",
+                  fmt_number(first["results"][0]["ms_median"], ".1f") + f" ({labels[0]})")
+    return table
+
+
+def seeds_report(data: dict[str, Any]) -> list[RenderableType]:
+    first = data["comparisons"][0]
+    return [Stacked(seeds_table(data)),
+            legend(f"cos: cosine to {first['reference']}'s gradient", "rel err: ‖ĝ−g‖/‖g‖",
+                   f"residual: {first['reference']}'s free phase", "mean: over the seeds, ± their std",
+                   "--json: every seed's whole comparison"),
+            colour_legend(COSINE_COLOURS, residual_colours(first["converged_tol"]))]
 
 
 def _mean(stat: tuple[float, float] | None, spec: str, seeds: int) -> str:

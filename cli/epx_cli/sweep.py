@@ -40,7 +40,7 @@ from epx_cli.render import sweep_report
 @wide_option
 def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings: tuple[str, ...],
           model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, batch_size: int,
-          seed: int, device: str, dtype: str, repeats: int, varies: tuple[str, ...], seeds: int,
+          seed: int, device: str, dtype: str, repeats: int, eager: bool, varies: tuple[str, ...], seeds: int,
           group: str | None, out_file: Path | None, as_json: bool, plot_file: Path | None, panel: str,
           wide: bool) -> None:
     """Compare ESTIMATORS against the reference at every point of a grid of knob values.
@@ -91,7 +91,7 @@ def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings
 
         try:
             result = run_sweep(reg, spec, out=out_file, data_dir=data_dir, download=not no_download, warn=warn,
-                               on_point=on_point, on_record=on_record)
+                               on_point=on_point, on_record=on_record, eager=eager)
         except KeyboardInterrupt:
             if out_file is None:
                 raise Interrupted("during the sweep; nothing was kept (use --out FILE to make a sweep "

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ep_core.errors import Interrupted, ResumeError
 from ep_core.plugins import hookimpl
 from ep_core.schedule import TrainConfig
-from epx_cli.main import (OutputPath, apply_options, check_device, err, model_data_options, out, registry, use_torch,
-                          warn, wide_option, write_output)
+from epx_cli.main import (OutputPath, apply_options, check_device, eager_option, err, model_data_options, out,
+                          registry, use_torch, warn, wide_option, write_output)
 from epx_cli.render import training_report
 
 TRAIN_PREFIX = "train_"
@@ -124,13 +124,15 @@ def recorded_options(recorded: dict[str, Any]) -> dict[str, Any]:
                  help="Write a PNG of the training and validation loss and of the cosine to the reference (needs "
                       "the 'plot' extra: pip install 'epx[plot]')."),
     click.option("--json", "as_json", is_flag=True, help="Print every log record as JSON on stdout, not a table."),
+    eager_option,
     wide_option,
 ])
 @click.pass_context
 def train(ctx: click.Context, estimator: str | None, reference: str, settings: tuple[str, ...],
           model_name: str | None, model_settings: tuple[str, ...], data: str, data_dir: str | None,
           no_download: bool, batch_size: int | None, seed: int, device: str, dtype: str, directory: Path | None,
-          resume: bool, plot_file: Path | None, as_json: bool, wide: bool, **train_options: str | None) -> None:
+          resume: bool, plot_file: Path | None, as_json: bool, eager: bool, wide: bool,
+          **train_options: str | None) -> None:
     """Train a model with ESTIMATOR's gradient: AdamW, warm-up and cosine schedule, clipping per parameter
     group, validation loss, and every few steps the cosine of ESTIMATOR's gradient to the exact one.
 
@@ -215,7 +217,7 @@ def train(ctx: click.Context, estimator: str | None, reference: str, settings: t
 
         previous = signal.signal(signal.SIGINT, stop_after_step)
         try:
-            records = run_training(run, directory=directory, resume=resume, progress=progress)
+            records = run_training(run, directory=directory, resume=resume, progress=progress, eager=eager)
         except Stopped as stopped:
             if directory is None:
                 raise Interrupted(f"after step {stopped.step}; nothing was saved (train with --out DIR to be able "

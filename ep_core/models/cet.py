@@ -16,7 +16,14 @@ gradient of any energy:
 
 s = 0 is the conservative limit. With ``project=True`` each token is normalised (mean 0, std 1 over D) after
 every step: Π(z, y) = (tokennorm(z), y). The cost is the squared error on masked pixels divided by their number.
-The forces are written out analytically (``energy`` is kept as the definition they are tested against).
+The forces are written out analytically (``energy`` and ``attention`` are kept as the definitions they are
+tested against), as
+
+    F_z = [e − (1 + s·c)·z] + relu(z·ξᵀ)·ξ + patches(y − dec(z))·W_decᵀ + mix(z)·(s·W_O),
+
+each product with the running sum fused into it, the attention's projections in one product and its softmax in
+one fused kernel; e, [W_Q|W_K|W_V] and s·W_O are computed once per estimate (:meth:`CET.with_parameter_terms`),
+since on a GPU a relaxation step costs about its number of kernels.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ from ep_core.relax import unrolled_loss
 from ep_core.solvers import memory_option, solver_option, tol_option
 
 TOKEN_NORM_EPS = 1e-5
+ENCODING = "encoding"
+"""The batch entry that carries e = patches(x̄)·W_enc + pos (:meth:`CET.with_parameter_terms`)."""
+PROJECTIONS = "qkv_weight"
+"""The batch entry that carries [W_Q|W_K|W_V]."""
+OUTPUT = "out_weight"
+"""The batch entry that carries s·W_O."""
 
 
 @dataclass(frozen=True)
@@ -127,12 +140,30 @@ class CET(nn.Module):
         pixel_mask = self._fold(token_mask[:, :, None].expand(-1, -1, patch_dim)).clamp(max=1.0)
         return {"images": inputs, "mask": pixel_mask, "clamped": inputs * (1 - pixel_mask), "labels": targets}
 
+    def _tiles(self) -> bool:
+        """Whether the patches tile the image (stride = patch, no remainder): then cutting and pasting them are
+        reshapes, where F.unfold and F.fold launch a kernel per image on CUDA (most of a force evaluation's time
+        on a GPU)."""
+        cfg = self.config
+        return cfg.stride == cfg.patch and cfg.image % cfg.patch == 0
+
     def _unfold(self, images: torch.Tensor) -> torch.Tensor:
-        return F.unfold(images, self.config.patch, stride=self.config.stride).transpose(1, 2)
+        """B×C×H×W → B×N×(C·p·p), patches in row-major order, each channel-major: F.unfold's layout."""
+        cfg = self.config
+        if not self._tiles():
+            return F.unfold(images, cfg.patch, stride=cfg.stride).transpose(1, 2)
+        b, grid, p = images.shape[0], cfg.image // cfg.patch, cfg.patch
+        tiles = images.reshape(b, cfg.channels, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5)
+        return tiles.reshape(b, grid * grid, cfg.channels * p * p)
 
     def _fold(self, patches: torch.Tensor) -> torch.Tensor:
+        """The inverse layout, summing overlaps as F.fold does."""
         cfg = self.config
-        return F.fold(patches.transpose(1, 2), (cfg.image, cfg.image), cfg.patch, stride=cfg.stride)
+        if not self._tiles():
+            return F.fold(patches.transpose(1, 2), (cfg.image, cfg.image), cfg.patch, stride=cfg.stride)
+        b, grid, p = patches.shape[0], cfg.image // cfg.patch, cfg.patch
+        tiles = patches.reshape(b, grid, grid, cfg.channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        return tiles.reshape(b, cfg.channels, cfg.image, cfg.image)
 
     # --- the pieces of the energy and the force ------------------------------------------------------------
 
@@ -162,23 +193,50 @@ class CET(nn.Module):
         return (0.5 * z.pow(2).sum() - (z * self.encoding(batch)).sum()
                 - 0.5 * memory.pow(2).sum() + 0.5 * (y - self.decode(z)).pow(2).sum())
 
+    def parameter_term_inputs(self) -> Batch:
+        return {}
+
+    def with_parameter_terms(self, batch: Batch) -> Batch:
+        """The batch carrying e, [W_Q|W_K|W_V] and s·W_O, computed once (with their graph under autograd)."""
+        return {**batch, ENCODING: self.encoding(batch), OUTPUT: self.config.s * self.W_O,
+                PROJECTIONS: torch.cat([self.W_Q, self.W_K, self.W_V], dim=1)}
+
+    def _terms(self, batch: Batch) -> Batch:
+        return batch if OUTPUT in batch else self.with_parameter_terms(batch)
+
+    def mix(self, z: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+        """softmax(QKᵀ/√d_h)·V per head, heads side by side: (B·N) × (heads·head_dim); ``projections`` is
+        [W_Q|W_K|W_V]. One fused kernel (F.scaled_dot_product_attention); a jvp through it runs under the math
+        backend, since the fused ones have no forward-mode derivative (:func:`ep_core.analysis.antisymmetry`)."""
+        cfg = self.config
+        b, n, _ = z.shape
+        q, k, v = (z @ projections).view(b, n, 3, cfg.heads, cfg.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mixed = F.scaled_dot_product_attention(q, k, v)
+        return mixed.transpose(1, 2).reshape(b * n, cfg.heads * cfg.head_dim)
+
     def init_state(self, batch: Batch) -> State:
-        return self.project((self.encoding(batch), batch["clamped"]))
+        return self.project((self._terms(batch)[ENCODING], batch["clamped"]))
 
     def force(self, state: State, batch: Batch) -> State:
         z, y = state
         s, c = self.config.s, self.config.c
-        reconstruction_error = y - self.decode(z)
-        conservative_z = (self.encoding(batch) - z
-                          + F.relu(z @ self.memories.T) @ self.memories
-                          + self._unfold(reconstruction_error) @ self.W_dec.T)
-        force_z = conservative_z + s * (self.attention(z) - c * z) if s else conservative_z
-        return force_z, -reconstruction_error
+        terms = self._terms(batch)
+        flat = z.reshape(-1, z.shape[-1])
+        reconstruction_error = y - self._fold(torch.addmm(self.b_dec, flat, self.W_dec).view(
+            z.shape[0], self.tokens, -1))
+        force_z = torch.add(terms[ENCODING], z, alpha=-(1 + s * c)).reshape(flat.shape)
+        force_z = torch.addmm(force_z, F.relu(flat @ self.memories.T), self.memories)
+        force_z = torch.addmm(force_z, self._unfold(reconstruction_error).reshape(flat.shape[0], -1), self.W_dec.T)
+        if s:
+            force_z = torch.addmm(force_z, self.mix(z, terms[PROJECTIONS]), terms[OUTPUT])
+        return force_z.view_as(z), -reconstruction_error
 
     def nonconservative(self, state: State, batch: Batch) -> State:
         z, y = state
-        attention = self.config.s * self.attention(z) if self.config.s else torch.zeros_like(z)
-        return attention, torch.zeros_like(y)
+        if not self.config.s:
+            return torch.zeros_like(z), torch.zeros_like(y)
+        terms = self._terms(batch)
+        return (self.mix(z, terms[PROJECTIONS]) @ terms[OUTPUT]).view_as(z), torch.zeros_like(y)
 
     def project(self, state: State) -> State:
         if not self.config.project:

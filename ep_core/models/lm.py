@@ -24,6 +24,12 @@ active at initialisation for seeds 0–4 except the read-out's normalisation:
 - ``gain_bound`` β scales the attention by κ = min(1, β(1 + s·c)/(s·λ_max(sym(W_V·W_O)))), which keeps that
   block's symmetric part negative definite whatever training does to W_V and W_O. At initialisation
   λ_max(sym(W_V·W_O)) ≈ 1.6 < 0.9·2, so κ = 1 there.
+
+Computed as F(z) = [x_in − (1 + s·c)·z] + mix(z)·(s·κ·W_O), mix(z) = softmax(QKᵀ/√d_h, causal)·V with
+[Q|K|V] = z·[W_Q|W_K|W_V]: the same function in five kernels (one projection, one fused attention, one copy out of
+the heads, the output product with the sum fused into it, one axpy). x_in, [W_Q|W_K|W_V] and s·κ·W_O are terms
+of the batch and the parameters alone, computed once per estimate (:meth:`LM.with_parameter_terms`): on a GPU a
+relaxation step costs about its number of kernels.
 """
 
 from __future__ import annotations
@@ -43,6 +49,14 @@ from ep_core.solvers import memory_option, solver_option, tol_option
 
 GAIN = "gain"
 """The batch entry that carries κ through an unrolled free phase (:meth:`LM.with_parameter_terms`)."""
+INPUT = "x_in"
+"""The batch entry that carries x_in = E_tok[u] + E_pos (:meth:`LM.with_parameter_terms`)."""
+PROJECTIONS = "qkv_weight"
+"""The batch entry that carries [W_Q|W_K|W_V] (C × 3C)."""
+OUTPUT = "out_weight"
+"""The batch entry that carries s·κ·W_O, the output projection with the attention's scale and gain."""
+GAIN_DIRECTION = "gain_direction"
+"""The batch entry that carries u, from which a captured estimate computes κ (:meth:`LM.parameter_term_inputs`)."""
 READOUT_NORM_EPS = 1e-8
 """Against a zero token; far below the mean square of z, which is about embed_std² (4e-4 by default)."""
 
@@ -100,9 +114,8 @@ class LM(nn.Module):
         self.W_V = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
         self.W_O = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
         self.W_head = nn.Parameter(normal(cfg.width, cfg.vocab, std=1 / math.sqrt(cfg.width)))
-        self.register_buffer("causal", torch.ones(cfg.context, cfg.context, dtype=torch.bool).tril(),
-                             persistent=False)
         self._gain_cache: tuple[tuple, torch.Tensor] | None = None
+        self._direction_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def dynamics(self) -> Dynamics:
@@ -128,24 +141,56 @@ class LM(nn.Module):
         tokens = batch["tokens"]
         return self.token_embedding[tokens] + self.position_embedding[: tokens.shape[1]]
 
-    def with_parameter_terms(self, batch: Batch) -> Batch:
-        """The batch carrying κ, computed once for a whole unrolled free phase (with its graph under autograd)
-        instead of at every step."""
-        return {**batch, GAIN: torch.as_tensor(self.gain_scale())}
+    def parameter_term_inputs(self) -> Batch:
+        """u, the top eigenvector of sym(W_V·W_O): what κ needs that a CUDA graph cannot record (an
+        eigendecomposition reads its status back), computed eagerly and passed in with the batch."""
+        return {GAIN_DIRECTION: self.top_direction()} if self.bounded else {}
 
-    def attention(self, z: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
-        """Attn(z) = κ·O·softmax(QKᵀ/√d_h, causal)·V, per head; κ from ``batch`` when it carries it."""
+    def with_parameter_terms(self, batch: Batch) -> Batch:
+        """The batch carrying x_in, [W_Q|W_K|W_V], κ and s·κ·W_O, computed once for a whole estimate or unrolled
+        free phase (with their graph under autograd) instead of at every step; κ from the batch's u when it
+        carries one."""
+        if self.bounded:
+            direction = batch.get(GAIN_DIRECTION)
+            gain = self.gain_scale() if direction is None else self._gain_scale(direction)
+        else:
+            gain = torch.ones((), dtype=self.W_O.dtype, device=self.W_O.device)
+        return {**batch, INPUT: self.embed(batch), GAIN: gain,
+                PROJECTIONS: torch.cat([self.W_Q, self.W_K, self.W_V], dim=1),
+                OUTPUT: (self.config.s * gain) * self.W_O}
+
+    def _terms(self, batch: Batch) -> Batch:
+        return batch if OUTPUT in batch else self.with_parameter_terms(batch)
+
+    def attention(self, z: torch.Tensor) -> torch.Tensor:
+        """Attn(z) = κ·O·softmax(QKᵀ/√d_h, causal)·V per head, written out as defined: what :meth:`force` and
+        :meth:`nonconservative` compute in fewer kernels, and are tested against."""
         b, t, width = z.shape
         heads, head_dim = self.config.heads, self.head_dim
 
         def split(w: torch.Tensor) -> torch.Tensor:
             return (z @ w).view(b, t, heads, head_dim).transpose(1, 2)
 
-        scores = split(self.W_Q) @ split(self.W_K).transpose(-1, -2) / math.sqrt(head_dim)
-        scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
+        causal = torch.ones(t, t, dtype=torch.bool, device=z.device).tril()
+        scores = (split(self.W_Q) @ split(self.W_K).transpose(-1, -2) / math.sqrt(head_dim)).masked_fill(
+            ~causal, float("-inf"))
         mixed = torch.softmax(scores, dim=-1) @ split(self.W_V)
-        gain = batch[GAIN] if batch is not None and GAIN in batch else self.gain_scale()
-        return gain * (mixed.transpose(1, 2).reshape(b, t, width) @ self.W_O)
+        return self.gain_scale() * (mixed.transpose(1, 2).reshape(b, t, width) @ self.W_O)
+
+    def mix(self, z: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+        """softmax(QKᵀ/√d_h, causal)·V per head, heads side by side: (B·T) × C; ``projections`` is
+        [W_Q|W_K|W_V]. One fused kernel (F.scaled_dot_product_attention) for the scores, mask, softmax and mixing;
+        its fused backends have no forward-mode derivative, so a jvp through it runs under the math backend
+        (:func:`ep_core.analysis.antisymmetry`)."""
+        b, t, width = z.shape
+        heads, head_dim = self.config.heads, self.head_dim
+        q, k, v = (z @ projections).view(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return mixed.transpose(1, 2).reshape(b * t, width)
+
+    @property
+    def bounded(self) -> bool:
+        return self.config.gain_bound is not None and self.config.s != 0
 
     def gain_scale(self) -> torch.Tensor | float:
         """κ = min(1, bound·(1 + s·c) / (s·λ_max(sym(W_V·W_O)))), or 1 without a bound.
@@ -154,24 +199,43 @@ class LM(nn.Module):
         s·κ·λ_max(sym(W_V·W_O)) < 1 + s·c its symmetric part is negative definite and that block contracts.
         Training otherwise drives this eigenvalue past 1 + s·c (module docstring).
 
-        κ depends on the parameters only, yet every force evaluation needs it, so outside autograd it is kept
-        for as long as W_V and W_O are the same tensors, unmodified (their ``_version`` counts in-place updates
-        such as optimizer steps). Under autograd it is recomputed, since it must be part of that graph.
+        λ_max = uᵀ·sym(W_V·W_O)·u with u its eigenvector (:meth:`top_direction`): the value exactly, and, since
+        dλ = uᵀ·d(sym(W_V·W_O))·u for a simple eigenvalue, its derivative too, so κ is differentiated through
+        plain products. κ depends on the parameters only, yet every force evaluation needs it, so outside
+        autograd it is kept for as long as W_V and W_O are the same tensors, unmodified (their ``_version``
+        counts in-place updates such as optimizer steps). Under autograd it is recomputed from the kept u,
+        since it must be part of that graph.
         """
-        cfg = self.config
-        if cfg.gain_bound is None or cfg.s == 0:
+        if not self.bounded:
             return 1.0
         if torch.is_grad_enabled():
             return self._gain_scale()
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in (self.W_V, self.W_O))
+        key = self._parameter_key()
         if self._gain_cache is None or self._gain_cache[0] != key:
             self._gain_cache = (key, self._gain_scale())
         return self._gain_cache[1]
 
-    def _gain_scale(self) -> torch.Tensor:
+    def top_direction(self) -> torch.Tensor:
+        """u, the unit eigenvector of sym(W_V·W_O)'s largest eigenvalue; one eigendecomposition per version of
+        W_V and W_O."""
+        key = self._parameter_key()
+        if self._direction_cache is None or self._direction_cache[0] != key:
+            self._direction_cache = (key, self._top_eigenvector())
+        return self._direction_cache[1]
+
+    def _parameter_key(self) -> tuple:
+        return tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in (self.W_V, self.W_O))
+
+    def _top_eigenvector(self) -> torch.Tensor:
+        with torch.no_grad():
+            value_output = self.W_V @ self.W_O
+            return torch.linalg.eigh(0.5 * (value_output + value_output.T))[1][:, -1].contiguous()
+
+    def _gain_scale(self, direction: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
+        u = self.top_direction() if direction is None else direction
         value_output = self.W_V @ self.W_O
-        top = torch.linalg.eigvalsh(0.5 * (value_output + value_output.T))[-1]
+        top = u @ value_output @ u
         limit = cfg.gain_bound * (1 + cfg.s * cfg.c) / cfg.s
         return torch.clamp(limit / top.clamp_min(torch.finfo(top.dtype).tiny), max=1.0)
 
@@ -187,12 +251,20 @@ class LM(nn.Module):
     def force(self, state: State, batch: Batch) -> State:
         (z,) = state
         s, c = self.config.s, self.config.c
-        clamp = self.embed(batch) - z
-        return (clamp + s * (self.attention(z, batch) - c * z) if s else clamp,)
+        terms = self._terms(batch)
+        linear = torch.add(terms[INPUT], z, alpha=-(1 + s * c))
+        if not s:
+            return (linear,)
+        return (torch.addmm(linear.reshape(-1, z.shape[-1]), self.mix(z, terms[PROJECTIONS]),
+                            terms[OUTPUT]).view_as(z),)
 
     def nonconservative(self, state: State, batch: Batch) -> State:
+        """N(z) = s·Attn(z): F − N = x_in − (1 + s·c)·z is the gradient flow of a quadratic energy."""
         (z,) = state
-        return (self.config.s * self.attention(z, batch) if self.config.s else torch.zeros_like(z),)
+        if not self.config.s:
+            return (torch.zeros_like(z),)
+        terms = self._terms(batch)
+        return ((self.mix(z, terms[PROJECTIONS]) @ terms[OUTPUT]).view_as(z),)
 
     def project(self, state: State) -> State:
         return state

@@ -27,8 +27,10 @@ import torch
 from ep_core.config import Config, option
 from ep_core.krylov import gmres
 from ep_core.protocols import Batch, DivergenceError, EquilibriumModel, EstimateStats, GradientEstimate
+from ep_core.capture import report
 from ep_core.relax import (add, cost_gradient, free_phase, inner, iterate, linearize, norm, parameter_gradient,
                            relaxation_map, sub)
+from ep_core.solvers import fixed_steps
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Adjoint:
     def __init__(self, config: AdjointConfig | None = None):
         self.config = config or AdjointConfig()
 
+    def capturable(self, model) -> bool:
+        """GMRES stops on its tolerance, so only the Neumann iteration has a fixed amount of work."""
+        return self.config.solver == "neumann" and fixed_steps(model.dynamics)
+
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
         cfg = self.config
         equilibrium = free_phase(model, batch)
@@ -78,7 +84,7 @@ class Adjoint:
                 a = iterate(lambda u: add(J_G_transpose(u), g), g, budget, diverged=diverged)
                 applications = budget
             tiny = torch.finfo(a[0].dtype).tiny
-            adjoint_residual = float(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(tiny))
+            adjoint_residual = report(norm(sub(add(J_G_transpose(a), g), a)) / norm(a).clamp_min(tiny))
         grads = parameter_gradient(model, lambda: inner(a, G(x_star)) + model.cost(x_star, batch))
         return GradientEstimate(
             grads=grads,

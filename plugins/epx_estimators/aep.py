@@ -37,6 +37,7 @@ from ep_core.config import Config, option
 from ep_core.protocols import (Batch, DeclaresNonconservative, Equilibrium, EquilibriumModel, EstimateStats,
                                GradientEstimate, State)
 from ep_core.relax import contrast, force_pairing, free_phase, linearize, norm, scale, sub
+from ep_core.solvers import fixed_steps
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class AEP:
 
     def __init__(self, config: AEPConfig | None = None):
         self.config = config or AEPConfig()
+
+    def capturable(self, model) -> bool:
+        return fixed_steps(model.dynamics)
 
     def antisymmetric_correction(self, model, batch: Batch, equilibrium: Equilibrium):
         """The term (x, F(x)) ↦ −(Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*.

@@ -24,6 +24,7 @@ import torch
 from ep_core.config import Config, option
 from ep_core.protocols import Batch, EquilibriumModel, GradientEstimate
 from ep_core.relax import contrast, force_pairing, free_phase
+from ep_core.solvers import fixed_steps
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class EP:
 
     def __init__(self, config: EPConfig | None = None):
         self.config = config or EPConfig()
+
+    def capturable(self, model) -> bool:
+        return fixed_steps(model.dynamics)
 
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
         cfg = self.config

@@ -1,0 +1,279 @@
+"""Captured estimates: on CUDA, the whole device work of one gradient estimate recorded once as a CUDA graph and
+replayed for every later batch of the same shapes.
+
+A relaxation step is a dozen small kernels; run eagerly, the GPU waits on Python between them. Replaying a
+graph launches them all at once. The graph holds the whole estimate — free phase, nudged phases, the vjp
+closures built at x*, the adjoint iteration, the final parameter gradient — rather than chunks of one
+relaxation, because the EP family's nudged phases depend on tensors made inside the estimate (x*, the closure of
+Jᵀ at x*): recorded in one graph they live in its memory pool, and the only inputs are the batch's tensors and the
+parameters, which the graph reads in place.
+
+Code that runs inside an estimate obeys two rules, eager or captured, so that the same code serves both:
+
+- finiteness is checked through :func:`finite`: eagerly it reads the flag; during a capture it records the flag
+  and answers True, and after each replay the recorded flags are read together, once. A non-finite replay is
+  run again eagerly, which reports the exact step of the divergence (:func:`ep_core.solvers.iterate`);
+- a number for a report goes through :func:`report`: eagerly a float; during a capture a :class:`DeviceScalar`
+  that becomes a float when the replay's result is read out.
+
+A graph is valid for one (estimator config, model config, parameter and buffer storage, batch shapes and dtypes,
+grad mode). In-place parameter updates (optimizer steps) are seen by the next replay, since the graph reads the
+storage itself; replacing a parameter or a buffer changes the key, and the estimate is captured again. Terms of
+the parameters alone that the model caches (:class:`~ep_core.protocols.CachesParameterTerms`, lm's gain bound)
+are recomputed inside the graph at every replay, never taken from a cache the graph could not see change; what
+they need that cannot be recorded (lm's eigendecomposition) is computed before the replay and copied in with the
+batch.
+
+Capture is used on CUDA for an estimator that declares it (:class:`~ep_core.protocols.Capturable`) for the model
+at hand, and never on the CPU, where there is nothing to gain; ``eager=True`` (``--eager``) forces eager runs. A
+capture that fails falls back to eager runs of that key, with a warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+
+from ep_core.protocols import Batch, CachesParameterTerms, Capturable, GradientEstimate
+
+GRAPHS_PER_RUNNER = 8
+"""Graphs one runner keeps (least recently used dropped first): each holds its own memory pool."""
+
+_recorded: ContextVar[list[torch.Tensor] | None] = ContextVar("epx_recorded_flags", default=None)
+
+
+def capturing() -> bool:
+    """Whether the caller runs inside an estimate being recorded as a graph."""
+    return _recorded.get() is not None
+
+
+def finite(flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a sum of the entries to check) is finite. During a capture the flag is recorded, to be read
+    after each replay, and the answer is True."""
+    recorded = _recorded.get()
+    if recorded is None:
+        return bool(torch.isfinite(flag))
+    recorded.append(flag.detach().reshape(()))
+    return True
+
+
+class DeviceScalar:
+    """A number a captured estimate reports (a residual), held on the device until the replay has run."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __repr__(self) -> str:
+        return f"DeviceScalar({self.value!r})"
+
+
+def report(value: torch.Tensor) -> float:
+    """``float(value)``; during a capture, a :class:`DeviceScalar` read out after the replay."""
+    if capturing():
+        return DeviceScalar(value.detach().reshape(()))  # type: ignore[return-value]
+    return float(value)
+
+
+@contextmanager
+def _recording() -> Iterator[list[torch.Tensor]]:
+    flags: list[torch.Tensor] = []
+    token = _recorded.set(flags)
+    try:
+        yield flags
+    finally:
+        _recorded.reset(token)
+
+
+def _read_out(value: Any) -> Any:
+    """A captured estimate's outputs as its caller would have them eagerly: tensors copied out of the graph's
+    memory (the next replay overwrites them) and device scalars as floats."""
+    if isinstance(value, DeviceScalar):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _read_out(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_read_out(v) for v in value)
+    if isinstance(value, list):
+        return [_read_out(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _read_out(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def with_parameter_terms(model: Any, batch: Batch) -> Batch:
+    """The batch carrying the model's parameter terms (computed here, with their autograd graph), so that every
+    force evaluation of one estimate uses the same ones and a graph recomputes them at each replay."""
+    if not isinstance(model, CachesParameterTerms):
+        return batch
+    with torch.enable_grad():
+        return model.with_parameter_terms(batch)
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[Batch]
+    outputs: list[GradientEstimate]
+    all_finite: torch.Tensor | None
+    peak_bytes: int
+
+
+Member = tuple[Any, Any]
+"""(estimator, model): one problem of a :class:`Runner`."""
+
+
+class Runner:
+    """Runs estimators on models: captured on CUDA where each estimator declares it can be (module docstring),
+    eagerly otherwise. ``members`` are (estimator, model) pairs — one, or several problems (seeds, grid points)
+    that run together: captured, their estimates are recorded in one graph on one stream each, so that the
+    device runs them side by side; their results are those of separate runs. ``mode`` says how the last call
+    ran; ``peak_bytes`` is the device memory the captured graph needed (its pool's high-water mark)."""
+
+    def __init__(self, members: Member | list[Member], *, eager: bool = False):
+        self.members = [members] if isinstance(members, tuple) else list(members)
+        if not self.members:
+            raise ValueError("a Runner needs at least one (estimator, model) pair")
+        self.eager = eager
+        self.mode = "eager"
+        self.peak_bytes: int | None = None
+        self._graphs: OrderedDict[tuple, _Graph | str] = OrderedDict()
+
+    def capture_wanted(self) -> bool:
+        if self.eager:
+            return False
+        for estimator, model in self.members:
+            parameter = next(model.parameters(), None)
+            if (parameter is None or parameter.device.type != "cuda" or not isinstance(estimator, Capturable)
+                    or not estimator.capturable(model)):
+                return False
+        return True
+
+    def __call__(self, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
+        """The estimate of the one member on ``batch``."""
+        if len(self.members) != 1:
+            raise ValueError(f"this runner holds {len(self.members)} problems; call run() with one batch each")
+        return self.run([batch], [generator])[0]
+
+    def run(self, batches: list[Batch], generators: list[torch.Generator]) -> list[GradientEstimate]:
+        """Each member's estimate on its batch, with its generator."""
+        if len(batches) != len(self.members) or len(generators) != len(self.members):
+            raise ValueError(f"{len(self.members)} problems need as many batches and generators, got "
+                             f"{len(batches)} and {len(generators)}")
+        if not self.capture_wanted():
+            return self._eager(batches, generators)
+        batches = [{**batch, **model.parameter_term_inputs()} if isinstance(model, CachesParameterTerms) else batch
+                   for (_, model), batch in zip(self.members, batches)]
+        key = self._key(batches)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(batches, generators)
+            self._graphs[key] = entry
+            while len(self._graphs) > GRAPHS_PER_RUNNER:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        if isinstance(entry, str):
+            return self._eager(batches, generators)
+        for inputs, batch in zip(entry.inputs, batches):
+            for name, tensor in inputs.items():
+                tensor.copy_(batch[name])
+        entry.graph.replay()
+        if entry.all_finite is not None and not bool(entry.all_finite):
+            # The eager runs retrace the replay step by step and raise the DivergenceError with its step.
+            return self._eager(batches, generators)
+        self.mode = "captured"
+        self.peak_bytes = entry.peak_bytes
+        return [_read_out(output) for output in entry.outputs]
+
+    def _eager(self, batches: list[Batch], generators: list[torch.Generator]) -> list[GradientEstimate]:
+        self.mode = "eager"
+        return [eager_estimate(estimator, model, batch, generator=gen)
+                for (estimator, model), batch, gen in zip(self.members, batches, generators)]
+
+    def _key(self, batches: list[Batch]) -> tuple:
+        keys = []
+        for (estimator, model), batch in zip(self.members, batches):
+            storage = tuple((name, t.data_ptr(), t.shape, t.dtype, t.requires_grad)
+                            for name, t in (*model.named_parameters(), *model.named_buffers()))
+            inputs = tuple((name, t.shape, t.dtype, t.device) for name, t in batch.items())
+            keys.append((type(estimator), estimator.config, model.config, storage, inputs))
+        return tuple(keys), torch.is_grad_enabled()
+
+    def _capture(self, batches: list[Batch], generators: list[torch.Generator]) -> _Graph | str:
+        device = next(self.members[0][1].parameters()).device
+        inputs = [{name: tensor.clone() for name, tensor in batch.items()} for batch in batches]
+        main = torch.cuda.current_stream(device)
+        streams = [torch.cuda.Stream(device) for _ in self.members]
+        # Library handles and lazily built kernels are made before recording, as capture requires: one estimate of
+        # each distinct estimator type and model shape is enough, not one per member.
+        warmed = set()
+        for (estimator, model), batch, gen, stream in zip(self.members, inputs, generators, streams):
+            kind = (type(estimator), estimator.config, model.config)
+            if kind in warmed:
+                continue
+            warmed.add(kind)
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                eager_estimate(estimator, model, batch, generator=gen)
+            main.wait_stream(stream)
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        graph = torch.cuda.CUDAGraph()
+        # A graph freed while another is recorded (a garbage-collected cycle holding an old runner) would reset
+        # itself mid-capture, which invalidates the capture: no collection until it ends.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with _recording() as flags, torch.cuda.graph(graph):
+                outputs = self._record(inputs, generators, streams)
+                all_finite = torch.isfinite(torch.stack(flags)).all() if flags else None
+        except Exception as error:  # noqa: BLE001 — any failure to record means: run this key eagerly
+            torch.cuda.synchronize(device)
+            names = ", ".join(dict.fromkeys(type(estimator).name for estimator, _ in self.members))
+            warnings.warn(f"{names}: could not capture the estimate as a CUDA graph ({type(error).__name__}: "
+                          f"{error}); running it eagerly", RuntimeWarning, stacklevel=3)
+            return f"{type(error).__name__}: {error}"
+        finally:
+            if collecting:
+                gc.enable()
+        peak = torch.cuda.max_memory_allocated(device) - baseline
+        return _Graph(graph=graph, inputs=inputs, outputs=outputs, all_finite=all_finite, peak_bytes=peak)
+
+
+    def _record(self, inputs: list[Batch], generators: list[torch.Generator],
+                streams: list[torch.cuda.Stream]) -> list[GradientEstimate]:
+        """The members' estimates, recorded on the capturing stream (one member) or forked from it, one stream
+        each, all forked before any is recorded and joined after, so that the graph has no edge between them."""
+        if len(self.members) == 1:
+            (estimator, model), = self.members
+            return [eager_estimate(estimator, model, inputs[0], generator=generators[0])]
+        capturing_stream = torch.cuda.current_stream()
+        for stream in streams:
+            stream.wait_stream(capturing_stream)
+        outputs = []
+        for (estimator, model), batch, gen, stream in zip(self.members, inputs, generators, streams):
+            with torch.cuda.stream(stream):
+                outputs.append(eager_estimate(estimator, model, batch, generator=gen))
+        for stream in streams:
+            capturing_stream.wait_stream(stream)
+        return outputs
+
+
+def eager_estimate(estimator: Any, model: Any, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
+    """One estimate run step by step, with the model's parameter terms computed once for it
+    (:func:`with_parameter_terms`), as a captured one computes them."""
+    return estimator.estimate(model, with_parameter_terms(model, batch), generator=generator)

@@ -47,7 +47,10 @@ from ep_core.protocols import Batch, CachesParameterTerms, Capturable, GradientE
 GRAPHS_PER_RUNNER = 8
 """Graphs one runner keeps (least recently used dropped first): each holds its own memory pool."""
 
-_recorded: ContextVar[list[torch.Tensor] | None] = ContextVar("epx_recorded_flags", default=None)
+_recorded: ContextVar[list[torch.Tensor | None] | None] = ContextVar("epx_recorded_flags", default=None)
+"""During a capture, a one-element list holding the running conjunction of the finiteness checks (a device
+boolean): one tensor replaced at each check, so the graph's memory does not grow with the number of chunks."""
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def capturing() -> bool:
@@ -61,7 +64,8 @@ def finite(flag: torch.Tensor) -> bool:
     recorded = _recorded.get()
     if recorded is None:
         return bool(torch.isfinite(flag))
-    recorded.append(flag.detach().reshape(()))
+    check = torch.isfinite(flag.detach().reshape(()))
+    recorded[0] = check if recorded[0] is None else torch.logical_and(recorded[0], check)
     return True
 
 
@@ -86,13 +90,21 @@ def report(value: torch.Tensor) -> float:
 
 
 @contextmanager
-def _recording() -> Iterator[list[torch.Tensor]]:
-    flags: list[torch.Tensor] = []
+def _recording() -> Iterator[list[torch.Tensor | None]]:
+    flags: list[torch.Tensor | None] = [None]
     token = _recorded.set(flags)
     try:
         yield flags
     finally:
         _recorded.reset(token)
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream estimates are recorded on, one per device: the warm-up runs on it too, so that the library
+    workspaces made for it (cuBLAS keeps one per stream) are made then, not inside a graph's memory pool."""
+    if device not in _capture_streams:
+        _capture_streams[device] = torch.cuda.Stream(device)
+    return _capture_streams[device]
 
 
 def _read_out(value: Any) -> Any:
@@ -216,19 +228,19 @@ class Runner:
         device = next(self.members[0][1].parameters()).device
         inputs = [{name: tensor.clone() for name, tensor in batch.items()} for batch in batches]
         main = torch.cuda.current_stream(device)
-        streams = [torch.cuda.Stream(device) for _ in self.members]
+        capture = _capture_stream(device)
+        streams = [torch.cuda.Stream(device) for _ in self.members] if len(self.members) > 1 else []
         # Library handles and lazily built kernels are made before recording, as capture requires: one estimate of
         # each distinct estimator type and model shape is enough, not one per member.
         warmed = set()
-        for (estimator, model), batch, gen, stream in zip(self.members, inputs, generators, streams):
-            kind = (type(estimator), estimator.config, model.config)
-            if kind in warmed:
-                continue
-            warmed.add(kind)
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                eager_estimate(estimator, model, batch, generator=gen)
-            main.wait_stream(stream)
+        capture.wait_stream(main)
+        with torch.cuda.stream(capture):
+            for (estimator, model), batch, gen in zip(self.members, inputs, generators):
+                kind = (type(estimator), estimator.config, model.config)
+                if kind not in warmed:
+                    warmed.add(kind)
+                    eager_estimate(estimator, model, batch, generator=gen)
+        main.wait_stream(capture)
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -238,9 +250,9 @@ class Runner:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with _recording() as flags, torch.cuda.graph(graph):
+            with _recording() as flags, torch.cuda.graph(graph, stream=capture):
                 outputs = self._record(inputs, generators, streams)
-                all_finite = torch.isfinite(torch.stack(flags)).all() if flags else None
+                all_finite = flags[0]
         except Exception as error:  # noqa: BLE001 — any failure to record means: run this key eagerly
             torch.cuda.synchronize(device)
             names = ", ".join(dict.fromkeys(type(estimator).name for estimator, _ in self.members))

@@ -97,6 +97,11 @@ class DivergenceError(EpxError):
         self.phase, self.step, self.eps = phase, step, eps
 
 
+class DistributedError(EpxError):
+    """A process of a torch.distributed job could not start, or lost the others: a rank stopped (its own message
+    says why), the network failed, or a collective waited longer than the timeout."""
+
+
 class PluginError(EpxError):
     """Raised in strict mode when a plugin fails."""
 

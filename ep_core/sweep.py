@@ -8,7 +8,8 @@ ambiguous and an error, as is a key nobody owns. Every value is validated before
 The output file holds the sweep's specification and one record per finished point. It is rewritten atomically
 after every point, so a sweep killed at any moment leaves a valid file; rerunning the same command with the
 same ``--out`` skips the points already there. A point whose relaxation diverges is recorded as failed, with
-its message, and the sweep goes on.
+its message, and the sweep goes on. Under torchrun the points are shared out among the processes (``run_sweep``'s
+``world``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ep_core.config import ConfigError, suggest
+from ep_core.distributed import ONE_PROCESS, World
 from ep_core.errors import EpxError, ResumeError, UsageError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
@@ -206,18 +208,34 @@ def _point_settings(spec: SweepSpec, axes: Sequence[Axis], point: Point) -> tupl
     return settings, model_settings
 
 
+def _units(points: Sequence[Point]) -> list[range]:
+    """The indices of each grid point's seeds (consecutive in ``points``): what runs together."""
+    units, start = [], 0
+    for index in range(1, len(points) + 1):
+        if index == len(points) or points[index].values != points[start].values:
+            units.append(range(start, index))
+            start = index
+    return units
+
+
 def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, data_dir: str | None = None,
               download: bool = True, warn: Callable[[str], None] | None = None,
               on_point: Callable[[int, int, Point], None] | None = None,
               on_record: Callable[[int, int, dict[str, Any], bool], None] | None = None,
-              progress: Progress | None = None, eager: bool = False) -> Sweep:
+              progress: Progress | None = None, eager: bool = False, world: World = ONE_PROCESS) -> Sweep:
     """Run every point of ``spec`` not already in ``out``; write ``out`` after each point's seeds.
+
+    With several processes (``world``, :mod:`ep_core.distributed`) the grid points still to run are dealt out in
+    rounds, one point (with its pending seeds) per rank and round, each rank on its own device
+    (:meth:`World.place`). After every round the ranks exchange their records, and rank 0 rewrites ``out``. A
+    killed job loses at most the round in flight, and a rerun resumes with any number of processes. Every rank
+    returns the whole sweep; records equal a one-process run's, timings and environment aside.
 
     The seeds of one point are measured together (:func:`ep_core.session.run_comparisons`: on CUDA, one graph per
     estimator that runs them side by side; ``eager``: no CUDA graphs), each with the numbers it has alone.
-    ``on_point(index, total, point)`` is called before a point's pending seeds run (with the first of them),
-    ``on_record(index, total, record, resumed)`` for each seed after they have, with its record (``resumed``: it
-    was already in ``out``)."""
+    ``on_point(index, total, point)`` is called before a point's pending seeds run on this rank (with the first of
+    them), ``on_record(index, total, record, resumed)`` for each seed after its round, in grid order, with its record
+    (``resumed``: it was already in ``out``)."""
     for seed in spec.seeds:
         check_seed(seed, option="--seed/--seeds")
     model_class = registry.get("model", spec.model).factory
@@ -237,10 +255,13 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     points = grid(axes, spec.seeds)
     done = {record["id"]: record for record in (_load(out, spec) if out else [])}
     sweep = Sweep(spec, axes, [], resumed=sum(p.id in done for p in points))
+    device = world.place(spec.device)
     dataset = None
     if len(done) < len(points):
-        dataset = model_data(registry, model_class, spec.data, spec.model_settings, data_dir=data_dir,
-                             download=download, warn=warn)
+        with world.main_first(what="loading the data"):
+            dataset = model_data(registry, model_class, spec.data, spec.model_settings, data_dir=data_dir,
+                                 download=download, warn=warn)
+
     def measured(pending: list[Point]) -> list[dict[str, Any]]:
         """The records of one grid point's pending seeds, measured together; when the group fails, each seed
         alone, so that a seed's failure is its own record and the other seeds' results are kept."""
@@ -249,7 +270,7 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
             comparisons = run_comparisons(
                 registry, [spec.reference, *labels], spec.model, reference=spec.reference, settings=settings,
                 model_settings=model_settings, data=spec.data, batch_size=spec.batch_size,
-                seeds=[p.seed for p in pending], dtype=spec.dtype, device=spec.device, repeats=spec.repeats,
+                seeds=[p.seed for p in pending], dtype=spec.dtype, device=device, repeats=spec.repeats,
                 dataset=dataset, progress=progress, eager=eager)
         except UsageError:
             raise
@@ -261,27 +282,38 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
         return [{"id": p.id, "values": p.values, "seed": p.seed, "status": "ok", "comparison": c.to_json()}
                 for p, c in zip(pending, comparisons)]
 
-    index = 0
-    while index < len(points):
-        end = index
-        while end < len(points) and points[end].values == points[index].values:
-            end += 1
-        members = range(index, end)
-        pending = [i for i in members if points[i].id not in done]
+    units = _units(points)
+    pending_units = [unit for unit in units if any(points[i].id not in done for i in unit)]
+    reported = 0
+
+    def report(upto: int) -> None:
+        """Hand the records of the units before ``upto`` to on_record and to the sweep, in grid order."""
+        nonlocal reported
+        for unit in units[reported:upto]:
+            for i in unit:
+                record = done[points[i].id]
+                sweep.records.append(record)
+                if on_record:
+                    on_record(i, len(points), record, points[i].id not in fresh_ids)
+        reported = max(reported, upto)
+
+    fresh_ids: set[str] = set()
+    for start in range(0, len(pending_units), world.size):
+        round_units = pending_units[start:start + world.size]
+        mine = round_units[world.rank] if world.rank < len(round_units) else range(0)
+        pending = [i for i in mine if points[i].id not in done]
         if on_point and pending:
             on_point(pending[0], len(points), points[pending[0]])
-        fresh = dict(zip(pending, measured([points[i] for i in pending]))) if pending else {}
-        for i in members:
-            resumed = i not in fresh
-            record = done[points[i].id] if resumed else fresh[i]
-            sweep.records.append(record)
-            if on_record:
-                on_record(i, len(points), record, resumed)
-        if out and pending:
-            pending_done = [done[p.id] for p in points[end:] if p.id in done]
-            write_atomic(out, json.dumps({**sweep.to_json(), "records": sweep.records + pending_done},
+        records = measured([points[i] for i in pending]) if pending else []
+        for record in (r for rank_records in world.gather_json(records, what="gathering finished points")
+                       for r in rank_records):
+            done[record["id"]] = record
+            fresh_ids.add(record["id"])
+        if out and world.main:
+            write_atomic(out, json.dumps({**sweep.to_json(), "records": [done[p.id] for p in points if p.id in done]},
                                          indent=1, allow_nan=False) + "\n")
-        index = end
+        report(units.index(round_units[-1]) + 1)
+    report(len(units))
     return sweep
 
 

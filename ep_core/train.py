@@ -46,12 +46,13 @@ import torch
 
 from ep_core.capture import Runner
 from ep_core.config import ConfigError
+from ep_core.distributed import ONE_PROCESS, World, cost_share, shard, shard_share, summed_gradient
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import environment, gradient_metrics, init_state, jsonable
 from ep_core.errors import EpxError, FileFormatError, Interrupted, ResumeError
 from ep_core.layernorm_study import surrogate_cosines
-from ep_core.protocols import (ChoosesBackwardRules, HasMetrics, HasTrainingDefaults, LocalModel, Model, ResidualModel,
-                               StatefulEstimator)
+from ep_core.protocols import (Batch, ChoosesBackwardRules, HasMetrics, HasTrainingDefaults, LocalModel, Model,
+                               ResidualModel, StatefulEstimator)
 from ep_core.residual_stream import residual_stream
 from ep_core.analysis import fixed_point_stability
 from ep_core.schedule import TrainConfig, learning_rate
@@ -129,21 +130,28 @@ def build_run(registry: Registry, estimator: str, model: str, *, settings: Mappi
               model_settings: Mapping[str, str] | None = None, train_settings: Mapping[str, str] | None = None,
               data: str = "auto", data_dir: str | None = None, download: bool = True,
               warn: Callable[[str], None] | None = None, batch_size: int | None = None, seed: int = 0,
-              dtype: str = "float32", device: str = "cpu", reference: str | None = "bptt") -> Run:
+              dtype: str = "float32", device: str = "cpu", reference: str | None = "bptt",
+              world: World = ONE_PROCESS) -> Run:
     """A :class:`Run` from names and ``key=value`` settings; every setting is validated before data are loaded.
 
     The held-out data are the dataset's test split ("test"; for text, the held-out tail). ``reference`` (None:
-    no diagnostics) is skipped when it is the estimator being trained.
+    no diagnostics) is skipped when it is the estimator being trained. With several processes (``world``) the
+    model is built on this rank's device (:meth:`World.place`) while the spec records ``device`` as requested,
+    and ``batch_size`` is the global batch, which must split evenly among the ranks.
     """
     model_class = registry.get("model", model).factory
     defaults = dict(model_class.training_defaults) if isinstance(model_class, HasTrainingDefaults) else {}
     config = TrainConfig.from_mapping({**defaults, **(train_settings or {})})
     compared_with = reference if reference not in (None, estimator) else None
-    problem = build_problem(registry, model, [estimator], settings=settings, model_settings=model_settings,
-                            references=[compared_with] if compared_with else [], data=data, data_dir=data_dir,
-                            download=download, warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
-                            held_out=True)
+    with world.main_first(what="loading the data"):
+        problem = build_problem(registry, model, [estimator], settings=settings, model_settings=model_settings,
+                                references=[compared_with] if compared_with else [], data=data, data_dir=data_dir,
+                                download=download, warn=warn, batch_size=batch_size, seed=seed, dtype=dtype,
+                                device=world.place(device), held_out=True)
     network, dataset, batch_size = problem.model, problem.dataset, problem.batch_size
+    if batch_size % world.size:
+        raise ConfigError("batch_size", f"the global batch of {batch_size} does not split into {world.size} equal "
+                                        f"shards, one per process; use a --batch-size divisible by {world.size}")
     if not any(p.requires_grad for p in network.parameters()):
         raise ConfigError("model", f"{model} has no trainable parameters")
     rule, exact = problem.estimators[estimator], problem.estimators.get(compared_with)
@@ -187,32 +195,42 @@ def _generators(run: Run) -> dict[str, torch.Generator]:
             "estimator": generator(run.seed, ESTIMATOR_STREAM, device), "penalty": generator(run.seed, PENALTY_STREAM)}
 
 
-def jacobian_penalty(model, batch, state, *, weight: float,
-                     generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
-    """(∇_θ of λ·R, R) with R = ||J_G(x*)ᵀv||² / ||v||² for one v ~ N(0, I) drawn from ``generator``."""
-    probe = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in state)
+def jacobian_penalty(model, batch, state, *, weight: float, generator: torch.Generator,
+                     world: World = ONE_PROCESS) -> tuple[dict[str, torch.Tensor], float]:
+    """(∇_θ of λ·R, R) with R = ||J_G(x*)ᵀv||² / ||v||² for one v ~ N(0, I) drawn from ``generator``.
+
+    With several processes, ``batch`` and ``state`` are this rank's shard. Every rank draws the probe of the whole
+    batch, as one process would, and keeps its own rows. J_G is block-diagonal over the samples, so ||J_Gᵀv||² is
+    the sum of the shards' parts, and each rank returns the gradient of its part, divided by the global ||v||²."""
+    whole = tuple(torch.randn((t.shape[0] * world.size, *t.shape[1:]), generator=generator, dtype=t.dtype)
+                  for t in state)
+    rows = state[0].shape[0]
+    probe = tuple(v[world.rank * rows:(world.rank + 1) * rows].to(t.device) for v, t in zip(whole, state))
+    probe_norm = float(inner(whole, whole))
     relaxation_step = relaxation_map(model, batch)
     value = {}
 
     def penalty() -> torch.Tensor:
         x = tuple(t.detach().requires_grad_() for t in state)
         pulled_back = torch.autograd.grad(relaxation_step(x), x, grad_outputs=probe, create_graph=True)
-        value["R"] = inner(pulled_back, pulled_back) / inner(probe, probe)
+        value["R"] = inner(pulled_back, pulled_back) / probe_norm
         return weight * value["R"]
 
-    return parameter_gradient(model, penalty), float(value["R"])
+    gradient = parameter_gradient(model, penalty)
+    return gradient, world.sum_numbers([float(value["R"])], what="summing the Jacobian penalty")[0]
 
 
-def validation_loss(run: Run) -> float:
+def validation_loss(run: Run, world: World = ONE_PROCESS) -> float:
     """Mean ``model.loss`` over the same ``eval_batches`` held-out batches every time it is called (for an
-    equilibrium model: C after the T1 free steps)."""
+    equilibrium model: C after the T1 free steps). With several processes each rank scores its shard of every
+    batch, and the shards' means are averaged."""
     data, mask = generator(run.seed, EVAL_STREAM), generator(run.seed, EVAL_MASK_STREAM)
     total = 0.0
     for _ in range(run.config.eval_batches):
-        batch = draw_batch(run.model, run.held_out, run.batch_size, data=data, mask=mask)
+        batch = shard(draw_batch(run.model, run.held_out, run.batch_size, data=data, mask=mask), world)
         with torch.no_grad():
             total += float(run.model.loss(batch))
-    return total / run.config.eval_batches
+    return world.sum_numbers([total * shard_share(world)], what="the validation loss")[0] / run.config.eval_batches
 
 
 EVALUATION_BATCH = 1024
@@ -221,9 +239,10 @@ CHUNK = 1000
 """Samples per forward pass when the whole held-out set is scored."""
 
 
-def epoch_record(run: Run, epoch: int, step: int) -> dict[str, Any]:
+def epoch_record(run: Run, epoch: int, step: int, world: World = ONE_PROCESS) -> dict[str, Any]:
     """After an epoch: the model's metrics (accuracy) on the whole held-out set and, for a residual network, its
-    stream diagnostics on a fixed evaluation batch (seed 004's per-epoch record)."""
+    stream diagnostics on a fixed evaluation batch (seed 004's per-epoch record). With several processes the
+    held-out set's chunks are dealt out among the ranks."""
     model = run.model
     record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": step}
     if isinstance(model, HasMetrics) and run.held_out is not None:
@@ -231,11 +250,13 @@ def epoch_record(run: Run, epoch: int, step: int) -> dict[str, Any]:
                                 data=generator(run.seed, EVAL_STREAM), mask=generator(run.seed, EVAL_MASK_STREAM))
         size = next(iter(everything.values())).shape[0]
         totals: dict[str, float] = {}
-        for start in range(0, size, CHUNK):
+        for start in range(world.rank * CHUNK, size, world.size * CHUNK):
             chunk = {key: value[start:start + CHUNK] for key, value in everything.items()}
             for name, value in model.metrics(chunk).items():
                 totals[name] = totals.get(name, 0.0) + value * next(iter(chunk.values())).shape[0]
-        record |= {f"test_{name}": total / size for name, total in totals.items()}
+        names = sorted(world.gather_json(sorted(totals), what="the held-out metrics")[0])
+        summed = world.sum_numbers([totals.get(name, 0.0) for name in names], what="the held-out metrics")
+        record |= {f"test_{name}": total / size for name, total in zip(names, summed)}
     if isinstance(model, ResidualModel) and run.held_out is not None:
         fixed = draw_batch(model, run.held_out, min(EVALUATION_BATCH, samples_in(model, run.held_out)),
                            data=generator(run.seed, EVAL_STREAM), mask=generator(run.seed, EVAL_MASK_STREAM))
@@ -408,9 +429,16 @@ def read_log(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
 
 
 def train(run: Run, *, directory: Path | None = None, resume: bool = False,
-          progress: Progress | None = None, eager: bool = False) -> list[dict[str, Any]]:
+          progress: Progress | None = None, eager: bool = False, world: World = ONE_PROCESS) -> list[dict[str, Any]]:
     """Train ``run.model`` with ``run.estimator``; return every log record (see the module docstring). On CUDA a
-    capturable estimator's estimates are replays of one CUDA graph (:mod:`ep_core.capture`) unless ``eager``."""
+    capturable estimator's estimates are replays of one CUDA graph (:mod:`ep_core.capture`) unless ``eager``.
+
+    Data-parallel with several processes (``world``, :mod:`ep_core.distributed`). Every rank draws the same global
+    batch and estimates on its own shard. The estimates are summed into the global batch's gradient before the
+    optimizer step, so every rank takes the same step. Evaluation is sharded too. The parameters and the
+    estimator's state start as rank 0's. Only rank 0 writes the run directory, which a resume reads on every rank
+    (it must be on a filesystem they share). The same seed and global batch give the parameters of a
+    one-process run, to float tolerance; the few exceptions are listed in :mod:`ep_core.distributed`."""
     progress = progress or Progress()
     config, model = run.config, run.model
     runners = {"estimator": Runner((run.estimator, model), eager=eager),
@@ -431,13 +459,21 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
         elif checkpoint.exists() or log_path.exists() or (directory / RUN_FILE).exists():
             raise ResumeError(f"--out: {directory} already holds a run; pass --resume to continue it, or choose "
                               "another --out")
+        # Every rank has looked at the directory before rank 0 writes to it.
+        world.barrier(what="checking the run directory")
+    log = None
+    if directory is not None and world.main:
         write_atomic(directory / RUN_FILE, json.dumps({"format": RUN_FORMAT, **run.spec,
-                                                       "dataset": run.data_description,
+                                                       "dataset": run.data_description, "processes": world.size,
                                                        "environment": environment()}, indent=2) + "\n")
         write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
         log = log_path.open("a")
-    else:
-        log = None
+    if world.size > 1:
+        state = run.estimator.state_dict() if isinstance(run.estimator, StatefulEstimator) else {}
+        world.broadcast_tensors([*model.parameters(), *model.buffers(), *state.values()],
+                                what="starting from rank 0's parameters")
+        if state:
+            run.estimator.load_state_dict(state)
 
     def emit(record: dict[str, Any]) -> None:
         record = jsonable(record)  # a loss that overflowed is logged as null, not as invalid JSON
@@ -449,18 +485,21 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
 
     try:
         if start == 0:
-            emit({"kind": "eval", "step": 0, "val_loss": validation_loss(run)})
+            emit({"kind": "eval", "step": 0, "val_loss": validation_loss(run, world)})
         for step in range(start + 1, config.steps + 1):
-            emit(_train_step(run, step, optimizer, generators, groups, runners))
+            emit(_train_step(run, step, optimizer, generators, groups, runners, world))
             if step % config.eval_every == 0 or step == config.steps:
-                emit({"kind": "eval", "step": step, "val_loss": validation_loss(run)})
+                emit({"kind": "eval", "step": step, "val_loss": validation_loss(run, world)})
             if config.epochs is not None and step % run.steps_per_epoch == 0:
-                emit(epoch_record(run, step // run.steps_per_epoch, step))
+                emit(epoch_record(run, step // run.steps_per_epoch, step, world))
             last = step == config.steps
-            if directory is not None and (step % config.checkpoint_every == 0 or last or progress.stop.is_set()):
-                save_checkpoint(directory / CHECKPOINT_FILE, run, optimizer, generators, step)
+            # A stop requested on any rank (Ctrl-C reaches them at different moments) stops all after this step.
+            stop = bool(world.max_numbers([progress.stop.is_set()], what="agreeing on a stop")[0])
+            if directory is not None and (step % config.checkpoint_every == 0 or last or stop):
+                if world.main:
+                    save_checkpoint(directory / CHECKPOINT_FILE, run, optimizer, generators, step)
                 emit({"kind": "checkpoint", "step": step})
-            if progress.stop.is_set() and not last:
+            if stop and not last:
                 raise Stopped(step, directory)
     finally:
         if log is not None:
@@ -468,48 +507,67 @@ def train(run: Run, *, directory: Path | None = None, resume: bool = False,
     return records
 
 
+def _global_estimate(runner: Runner, model: Model, batch: Batch, *, generator: torch.Generator,
+                     world: World) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The runner's estimate on this rank's shard ``batch`` and, from all the ranks' together, the global batch's
+    gradient (:mod:`ep_core.distributed`)."""
+    with cost_share(model, shard_share(world)):
+        estimate = runner(batch, generator=generator)
+    return estimate, summed_gradient(world, model, estimate.grads, what="summing the gradient")
+
+
 def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generators: Mapping[str, torch.Generator],
-                groups: Mapping[str, list[str]], runners: Mapping[str, Runner | None]) -> dict[str, Any]:
+                groups: Mapping[str, list[str]], runners: Mapping[str, Runner | None],
+                world: World = ONE_PROCESS) -> dict[str, Any]:
     model, config = run.model, run.config
     started = time.perf_counter()
-    batch = draw_batch(model, run.dataset, run.batch_size, data=generators["data"], mask=generators["mask"],
-                       augment=config.augment)
+    batch = shard(draw_batch(model, run.dataset, run.batch_size, data=generators["data"], mask=generators["mask"],
+                             augment=config.augment), world)
     try:
-        estimate = runners["estimator"](batch, generator=generators["estimator"])
+        estimate, grads = _global_estimate(runners["estimator"], model, batch, generator=generators["estimator"],
+                                           world=world)
     except EpxError as exc:
         raise EpxError(f"training step {step}: {exc}. If the loss or the residual grew over the previous steps "
                        "(see the log), training has pushed the model out of its stable regime: lower --lr") from exc
     equilibrium = estimate.equilibrium
     record: dict[str, Any] = {"kind": "train", "step": step, "lr": learning_rate(config, step),
                               "ms": 1000 * (time.perf_counter() - started)}
-    broken = [name for name, g in estimate.grads.items() if not bool(torch.isfinite(g).all())]
+    broken = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
     if broken:
         raise EpxError(f"step {step}: {type(run.estimator).name} returned non-finite gradients for "
                        f"{', '.join(broken)}; lower --lr or the model's eps")
     with torch.no_grad():
-        record["loss"] = float(model.cost(equilibrium.state, batch) if equilibrium is not None
-                               else model.loss(batch))
+        loss = float(model.cost(equilibrium.state, batch) if equilibrium is not None else model.loss(batch))
+    record["loss"] = world.sum_numbers([loss * shard_share(world)], what="the training loss")[0]
     if equilibrium is not None:
-        record["residual"] = equilibrium.residual
+        record["residual"] = world.max_numbers([equilibrium.residual], what="the free-phase residual")[0]
     if run.reference is not None and config.diagnose_every and (step % config.diagnose_every == 0
                                                                 or step == config.steps):
-        exact = runners["reference"](batch, generator=generator(run.seed, PROBE_STREAM))
-        metrics = gradient_metrics(estimate.grads, exact.grads, groups)
+        exact, exact_grads = _global_estimate(runners["reference"], model, batch,
+                                              generator=generator(run.seed, PROBE_STREAM), world=world)
+        metrics = gradient_metrics(grads, exact_grads, groups)
+        residual = exact.equilibrium.residual if exact.equilibrium else None
         record["diagnostic"] = {"cosine": metrics["cosine"], "groups": metrics["groups"],
                                 "rel_error": metrics["rel_error"],
-                                "reference_residual": exact.equilibrium.residual if exact.equilibrium else None}
+                                "reference_residual": None if residual is None else world.max_numbers(
+                                    [residual], what="the reference's residual")[0]}
         if isinstance(run.estimator, ChoosesBackwardRules) and isinstance(model, LocalModel):
-            record["diagnostic"]["layernorm"] = surrogate_cosines(model, batch, run.estimator.backward_rules(model))
+            cosines = surrogate_cosines(model, batch, run.estimator.backward_rules(model))
+            # Under torchrun: the mean over the ranks of each shard's cosine.
+            means = world.sum_numbers([c * shard_share(world) for c in cosines.values()], what="the LayerNorm study")
+            record["diagnostic"]["layernorm"] = dict(zip(cosines, means))
         if equilibrium is not None:
             stability = fixed_point_stability(model, batch, equilibrium.state,
                                               generator=generator(run.seed, PROBE_STREAM))
-            record["diagnostic"]["spectral_radius"] = stability["spectral_radius"]
-    grads = estimate.grads
+            # J_G is block-diagonal over the samples: its spectral radius is the largest of the shards'.
+            record["diagnostic"]["spectral_radius"] = world.max_numbers([stability["spectral_radius"]],
+                                                                        what="the spectral radius")[0]
     if config.jacobian_penalty and equilibrium is not None:
         penalty_grads, record["jacobian"] = jacobian_penalty(model, batch, equilibrium.state,
                                                              weight=config.jacobian_penalty,
-                                                             generator=generators["penalty"])
-        grads = {name: g + penalty_grads[name] for name, g in grads.items()}
+                                                             generator=generators["penalty"], world=world)
+        penalty_grads = world.sum_tensors([penalty_grads[name] for name in grads], what="summing the penalty")
+        grads = {name: g + penalty for (name, g), penalty in zip(grads.items(), penalty_grads)}
     for name, p in model.named_parameters():
         if p.requires_grad and name not in run.frozen:
             p.grad = grads[name].to(dtype=p.dtype)

@@ -12,7 +12,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,13 @@ def command_path(ctx: click.Context) -> str:
     return " ".join(["epx", *reversed(names[:-1])])
 
 
+RANK_LABEL = ""
+"""Under torchrun, "rank N: " on every rank but 0, whose errors are the only lines it prints."""
+
+
 def fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err.quiet = False
+    err.print(f"[bold red]error:[/] {escape(RANK_LABEL + message)}", highlight=False)
     sys.exit(code)
 
 
@@ -320,6 +326,39 @@ def model_data_options(*, model_required: bool = True) -> list[Callable[..., Any
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"])),
     ]
+
+
+dist_timeout_option = click.option(
+    "--dist-timeout", "dist_timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+    help="Under torchrun: how long a process waits for the others before the job stops with an error (default "
+         "1800; a sweep's processes meet after every round of points, so make it longer than the slowest point).")
+
+
+@contextmanager
+def processes(device: str, timeout: float | None) -> Iterator[Any]:
+    """This process's place in a torchrun job (ep_core.distributed.World; one process when not launched by one).
+    Only rank 0 prints: the others stay silent for the rest of their process but for their own errors, which name
+    their rank."""
+    from ep_core.distributed import DEFAULT_TIMEOUT, joined
+
+    import signal
+
+    from ep_core.errors import DistributedError
+
+    global RANK_LABEL
+
+    def stopped_by_launcher(signum: int, frame: Any) -> None:
+        raise DistributedError("stopped by the launcher (SIGTERM): another process of the job ended, and its "
+                               "error or exit status is reported above")
+
+    with joined(device, timeout=DEFAULT_TIMEOUT if timeout is None else timeout) as world:
+        if world.size > 1:
+            # torchrun ends the other processes with SIGTERM when one fails: they stop with one line, not silently.
+            signal.signal(signal.SIGTERM, stopped_by_launcher)
+        if not world.main:
+            out.quiet = err.quiet = True
+            RANK_LABEL = f"rank {world.rank}: "
+        yield world
 
 
 eager_option = click.option(

@@ -13,10 +13,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ep_core.config import ConfigError
-from ep_core.errors import Interrupted
+from ep_core.errors import DistributedError, Interrupted
 from ep_core.files import check_output
-from epx_cli.main import (OutputPath, check_names, comparison_options, err, invocation, out, warn, wide_option,
-                          write_output)
+from epx_cli.main import (OutputPath, check_names, comparison_options, dist_timeout_option, err, invocation, out,
+                          processes, warn, wide_option, write_output)
 from epx_cli.render import sweep_report
 
 
@@ -37,17 +37,22 @@ from epx_cli.render import sweep_report
                    "'plot' extra: pip install 'epx[plot]').")
 @click.option("--panel", type=click.Choice(["ms", "residual"]), default="ms", show_default=True,
               help="What the plot's second panel shows.")
+@dist_timeout_option
 @wide_option
 def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings: tuple[str, ...],
           model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, batch_size: int,
           seed: int, device: str, dtype: str, repeats: int, eager: bool, varies: tuple[str, ...], seeds: int,
           group: str | None, out_file: Path | None, as_json: bool, plot_file: Path | None, panel: str,
-          wide: bool) -> None:
+          dist_timeout: float | None, wide: bool) -> None:
     """Compare ESTIMATORS against the reference at every point of a grid of knob values.
 
     \b
     epx sweep ep aep --model cet --vary s=0.25,0.5,1,2,4,8 --group attention --out s.json --plot s.png
     epx sweep ep aep --model cet --model-set s=2 --vary beta=0.005,0.01,0.02 --seeds 3
+    torchrun --nproc-per-node 4 -m epx_cli sweep ep aep --model cet --vary s=0.5,1,2,4 --device cuda --out s.json
+
+    Under torchrun the grid points are shared out among the processes (one GPU each with --device cuda); rank 0
+    writes --out after every round, and a rerun with any number of processes resumes (docs/distributed.md).
     """
     from ep_core.session import build_model, parse_settings
     from ep_core.sweep import SweepSpec, run_sweep, summarize
@@ -90,14 +95,22 @@ def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings
                       highlight=False)
 
         try:
-            result = run_sweep(reg, spec, out=out_file, data_dir=data_dir, download=not no_download, warn=warn,
-                               on_point=on_point, on_record=on_record, eager=eager)
+            with processes(device, dist_timeout) as world:
+                result = run_sweep(reg, spec, out=out_file, data_dir=data_dir, download=not no_download, warn=warn,
+                                   on_point=on_point, on_record=on_record, eager=eager, world=world)
+        except DistributedError as exc:
+            if out_file is None:
+                raise
+            raise DistributedError(f"{exc}. The finished points are in {out_file}; the same command, with any "
+                                   "number of processes, runs only the rest") from None
         except KeyboardInterrupt:
             if out_file is None:
                 raise Interrupted("during the sweep; nothing was kept (use --out FILE to make a sweep "
                                   "resumable)") from None
             raise Interrupted(f"during the sweep; the finished points are in {out_file}, and the same command "
                               "skips them", resume=invocation()) from None
+    if not world.main:
+        return
     if result.resumed:
         err.print(f"resumed: {result.resumed} point(s) were already in {escape(str(out_file))}", highlight=False)
     if out_file is not None:

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ep_core.errors import Interrupted, ResumeError
 from ep_core.plugins import hookimpl
 from ep_core.schedule import TrainConfig
-from epx_cli.main import (OutputPath, apply_options, check_device, eager_option, err, model_data_options, out,
-                          registry, use_torch, warn, wide_option, write_output)
+from epx_cli.main import (OutputPath, apply_options, check_device, dist_timeout_option, eager_option, err,
+                          model_data_options, out, processes, registry, use_torch, warn, wide_option, write_output)
 from epx_cli.render import training_report
 
 TRAIN_PREFIX = "train_"
@@ -125,13 +125,14 @@ def recorded_options(recorded: dict[str, Any]) -> dict[str, Any]:
                       "the 'plot' extra: pip install 'epx[plot]')."),
     click.option("--json", "as_json", is_flag=True, help="Print every log record as JSON on stdout, not a table."),
     eager_option,
+    dist_timeout_option,
     wide_option,
 ])
 @click.pass_context
 def train(ctx: click.Context, estimator: str | None, reference: str, settings: tuple[str, ...],
           model_name: str | None, model_settings: tuple[str, ...], data: str, data_dir: str | None,
           no_download: bool, batch_size: int | None, seed: int, device: str, dtype: str, directory: Path | None,
-          resume: bool, plot_file: Path | None, as_json: bool, eager: bool, wide: bool,
+          resume: bool, plot_file: Path | None, as_json: bool, eager: bool, dist_timeout: float | None, wide: bool,
           **train_options: str | None) -> None:
     """Train a model with ESTIMATOR's gradient: AdamW, warm-up and cosine schedule, clipping per parameter
     group, validation loss, and every few steps the cosine of ESTIMATOR's gradient to the exact one.
@@ -140,12 +141,13 @@ def train(ctx: click.Context, estimator: str | None, reference: str, settings: t
     epx train aep --model lm --out runs/lm-aep
     epx train --resume --out runs/lm-aep          continue after Ctrl-C or a crash, with the recorded options
     epx train ep --model cet --steps 100 --lr 1e-3 --plot cet.png
+    torchrun --nproc-per-node 2 -m epx_cli train ep --model lm --device cuda --batch-size 64 --out runs/lm-ep
+
+    Under torchrun, training is data-parallel: --batch-size is the global batch, split evenly among the processes,
+    whose gradients are summed before every step; rank 0 writes --out (docs/distributed.md).
     """
-    from ep_core.relax import CONVERGED_TOL
     from ep_core.session import parse_settings
-    from ep_core.train import CHECKPOINT_FILE, LOG_FILE, Stopped, build_run, checkpoint_step, read_log, read_run
-    from ep_core.train import Progress as TrainProgress
-    from ep_core.train import train as run_training
+    from ep_core.train import LOG_FILE, build_run, checkpoint_step, read_log, read_run
 
     use_torch()
     if plot_file is not None:
@@ -182,7 +184,30 @@ def train(ctx: click.Context, estimator: str | None, reference: str, settings: t
                                       if v is not None},
                    "data": data, "batch_size": batch_size, "seed": seed, "dtype": dtype, "device": device,
                    "reference": reference}
-    run = build_run(registry(), **options, data_dir=data_dir, download=not no_download, warn=warn)
+    with processes(options["device"], dist_timeout) as world:
+        run = build_run(registry(), **options, data_dir=data_dir, download=not no_download, warn=warn, world=world)
+        records = _train(run, estimator=estimator, model_name=model_name, directory=directory, resume=resume,
+                         eager=eager, world=world)
+    if not world.main:
+        return
+    if directory is not None:
+        err.print(f"run directory: {escape(str(directory))} (run.json, log.jsonl, checkpoint.pt)", highlight=False)
+    if plot_file is not None:
+        from epx_cli.plot import plot_training
+
+        write_output(plot_file, lambda path: plot_training({estimator: records}, path,
+                                                           title=f"{estimator} on {model_name}"))
+    show_records(records, run.spec, as_json=as_json, wide=wide)
+
+
+def _train(run: Any, *, estimator: str, model_name: str, directory: Path | None, resume: bool, eager: bool,
+           world: Any) -> list[dict[str, Any]]:
+    """Run the training loop behind a progress bar; Ctrl-C stops after the current step, twice at once."""
+    from ep_core.relax import CONVERGED_TOL
+    from ep_core.train import CHECKPOINT_FILE, Stopped
+    from ep_core.train import Progress as TrainProgress
+    from ep_core.train import train as run_training
+
     steps = run.config.steps
     resume_command = None if directory is None else f"epx train --resume --out {shlex.quote(str(directory))}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -217,7 +242,8 @@ def train(ctx: click.Context, estimator: str | None, reference: str, settings: t
 
         previous = signal.signal(signal.SIGINT, stop_after_step)
         try:
-            records = run_training(run, directory=directory, resume=resume, progress=progress, eager=eager)
+            records = run_training(run, directory=directory, resume=resume, progress=progress, eager=eager,
+                                   world=world)
         except Stopped as stopped:
             if directory is None:
                 raise Interrupted(f"after step {stopped.step}; nothing was saved (train with --out DIR to be able "
@@ -231,14 +257,7 @@ def train(ctx: click.Context, estimator: str | None, reference: str, settings: t
                 resume=resume_command if kept else None) from None
         finally:
             signal.signal(signal.SIGINT, previous)
-    if directory is not None:
-        err.print(f"run directory: {escape(str(directory))} (run.json, log.jsonl, checkpoint.pt)", highlight=False)
-    if plot_file is not None:
-        from epx_cli.plot import plot_training
-
-        write_output(plot_file, lambda path: plot_training({estimator: records}, path,
-                                                           title=f"{estimator} on {model_name}"))
-    show_records(records, run.spec, as_json=as_json, wide=wide)
+    return records
 
 
 def show_records(records: list[dict[str, Any]], spec: dict[str, Any], *, as_json: bool, wide: bool) -> None:

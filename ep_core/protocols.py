@@ -159,14 +159,20 @@ class EquilibriumModel(Model, Protocol):
 
 @runtime_checkable
 class ResidualModel(Model, Protocol):
-    """A feed-forward residual network: h_0 = embed(x), h_{l+1} = h_l + f_l(h_l) for the blocks f_l, logits =
-    readout(h_L) (the final norm and head); ``width`` is d, the width of every h_l, and ``classes`` the number of
-    logits. ``forward_hidden(batch)`` gives (h_0 … h_L, logits) in one forward pass; ``batch["inputs"]`` is what
-    ``embed`` takes and ``batch["labels"]`` the int64 targets."""
+    """A feed-forward residual network: h_0 = embed(x), h_{l+1} = h_l + f_l(h_l) for the residual branches f_l
+    (``branches()``, in order), logits = readout(h_L) (the final norm and head); ``width`` is d, the width of every
+    h_l, and ``classes`` the number of logits. ``forward_hidden(batch)`` gives (h_0 … h_L, logits) in one forward
+    pass; ``batch["inputs"]`` is what ``embed`` takes and ``batch["labels"]`` the int64 targets.
+
+    The branches are a method, not a data member: a submodule lives in the Module's ``_modules``, where Python
+    3.12's protocol checks (``inspect.getattr_static``) do not look, so a ``blocks`` attribute in the protocol would
+    make no model a ResidualModel there. The same holds for every protocol here: parameters, buffers and submodules
+    are reached through methods."""
 
     width: int
     classes: int
-    blocks: torch.nn.ModuleList
+
+    def branches(self) -> torch.nn.ModuleList: ...
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor: ...
 

@@ -33,10 +33,10 @@ GROWTH_CEILING = 50.0
 
 def residual_stream(model: ResidualModel, batch: Batch) -> dict[str, Any]:
     """The diagnostics of the module docstring, as JSON-ready numbers."""
-    probe = min(PROBE_LAYER, len(model.blocks))
+    probe = min(PROBE_LAYER, len(model.branches()))
     with torch.enable_grad():
         hidden = [model.embed(batch["inputs"]).detach().requires_grad_()]
-        for block in model.blocks:
+        for block in model.branches():
             hidden.append(hidden[-1] + block(hidden[-1]))
         logits = model.readout(hidden[-1])
         gradient = torch.autograd.grad(F.cross_entropy(logits, batch["labels"]), hidden[probe])[0]

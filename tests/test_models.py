@@ -209,3 +209,40 @@ def test_cet_patches_are_exactly_f_unfold_and_f_fold(settings):
     assert torch.equal(patches, F.unfold(images, cfg.patch, stride=cfg.stride).transpose(1, 2))
     folded = F.fold(patches.transpose(1, 2), (cfg.image, cfg.image), cfg.patch, stride=cfg.stride)
     assert torch.equal(model._fold(patches), folded)
+
+
+def protocol_members(protocol: type) -> set[str]:
+    """The names a runtime protocol checks: its annotations and functions, and those of the protocols it extends."""
+    names: set[str] = set()
+    for base in protocol.__mro__:
+        if base is object or not getattr(base, "_is_protocol", False) or base.__name__ in ("Protocol", "Generic"):
+            continue
+        names |= {name for name in base.__dict__.get("__annotations__", {}) if not name.startswith("_")}
+        names |= {name for name, value in vars(base).items() if not name.startswith("_") and callable(value)}
+    return names
+
+
+@pytest.mark.parametrize("name", ["cet", "lm", "toy", "resmlp", "localgpt"])
+def test_every_builtin_model_meets_its_protocols_as_python_3_12_checks_them(name):
+    """Python 3.12 checks a runtime protocol with inspect.getattr_static, which does not see a Module's parameters,
+    buffers and submodules: a protocol member that a model holds as one would make isinstance False there."""
+    import inspect
+
+    from ep_core import protocols
+    from ep_core.plugins import load
+    from ep_core.session import build_model
+
+    model = build_model(load(), name, {"vocab": "65"} if name in ("lm", "localgpt") else {})
+    claimed = [p for p in (protocols.Model, protocols.EquilibriumModel, protocols.ResidualModel, protocols.LocalModel,
+                           protocols.CachesParameterTerms, protocols.SyntheticData, protocols.HasMetrics,
+                           protocols.DeclaresNonconservative, protocols.NamedState)
+               if all(hasattr(model, member) for member in protocol_members(p))]
+    assert protocols.Model in claimed and len(claimed) >= 2, claimed
+    for protocol in claimed:
+        hidden = []
+        for member in sorted(protocol_members(protocol)):
+            try:
+                inspect.getattr_static(model, member)
+            except AttributeError:
+                hidden.append(member)
+        assert not hidden, f"{name} holds {protocol.__name__}'s {hidden} where Python 3.12's check cannot see it"

@@ -110,6 +110,9 @@ class ResMLP(nn.Module):
             raise ConfigError("classes", f"labels must be 0 … {cfg.classes - 1}, got up to {int(targets.max())}")
         return {"inputs": inputs.flatten(1), "labels": targets}
 
+    def branches(self) -> nn.ModuleList:
+        return self.blocks
+
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.embedding(inputs)
 

@@ -69,7 +69,7 @@ def penalty_gradient(estimator: DFA, model: ResidualModel, batch: Batch, seed: i
     names = {id(p): name for name, p in model.named_parameters()}
     size = batch["labels"].shape[0]
     with torch.enable_grad():
-        for block, h in zip(model.blocks, hidden):
+        for block, h in zip(model.branches(), hidden):
             branch = block(h.detach())
             params = list(block.parameters())
             for p, g in zip(params, torch.autograd.grad(branch, params, grad_outputs=2 * lam * branch / size)):
@@ -100,7 +100,7 @@ class DFA:
         sigma = self.config.scale if self.config.scale is not None else model.classes ** -0.5
         parameter = next(model.parameters())
         matrices = []
-        for _ in model.blocks:
+        for _ in model.branches():
             if self.config.feedback == "gaussian":
                 draw = torch.randn(width, model.classes, generator=generator, dtype=torch.float64)
             else:
@@ -123,7 +123,7 @@ class DFA:
 
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
         feedback, lam = self._built(), self.config.lam
-        if len(feedback) != len(model.blocks) or feedback[0].shape != (model.width, model.classes):
+        if len(feedback) != len(model.branches()) or feedback[0].shape != (model.width, model.classes):
             raise ConfigError("state", f"dfa's feedback matrices were built for another model ({len(feedback)} of "
                                        f"{tuple(feedback[0].shape)}); call init(model, generator=...) again")
         labels = batch["labels"]
@@ -132,7 +132,7 @@ class DFA:
             embedded = model.embed(batch["inputs"])
             h = embedded.detach()
             branches = []
-            for block in model.blocks:
+            for block in model.branches():
                 branch = block(h)
                 branches.append(branch)
                 h = h + branch.detach()

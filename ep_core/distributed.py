@@ -9,9 +9,12 @@ CPU). Without WORLD_SIZE > 1 the world is one process and nothing is initialised
 Only tensors and JSON text cross between processes, never pickles: records travel as UTF-8 bytes in uint8
 tensors, gradients as one flat buffer per dtype on the compute device.
 
-A collective that fails — another rank stopped, the network broke, or the wait passed ``timeout`` — raises a
-:class:`~ep_core.errors.DistributedError` that names the rank and what it was doing; a job never hangs past the
-timeout. gloo notices a closed connection at once.
+A collective on the gloo group that fails — another rank stopped, the network broke, or the wait passed
+``timeout`` — raises a :class:`~ep_core.errors.DistributedError` that names the rank and what it was doing; gloo
+notices a closed connection at once. Every exchange of records and host numbers goes through gloo. NCCL's
+collectives (the gradient sum and the start's broadcast, on GPUs) are asynchronous: a lost peer shows at the next
+synchronisation, and NCCL's watchdog ends the process after ``timeout`` with NCCL's own message. Either way no
+job waits longer than the timeout.
 
 Data parallelism rests on one identity. Split a global batch of B samples into W shards of b = B/W. The
 model's cost C = (1/B)·Σᵢ ℓᵢ is then the sum of the shards' shares C_r = (b/B)·C(shard r). Each rank estimates
@@ -23,9 +26,15 @@ model's cost C = (1/B)·Σᵢ ℓᵢ is then the sum of the shards' shares C_r =
 - A model without an equilibrium (feed-forward: bptt, dfa, fa) has estimates that are means of per-sample terms,
   so the share scales the estimate instead.
 
-The identity assumes that the samples of a batch do not interact in the estimate. That is true of the plain
-solver. Anderson mixes with weights computed over the whole batch, and aep's ``clip`` compares norms over the
-whole batch, so with either of them the result agrees with one process only to the solver's tolerance.
+The identity assumes two things:
+
+- every sample weighs the same in the model's cost. That is true of every built-in model but cet with
+  overlapping patches (stride < patch), whose cost divides by the masked pixels of the whole batch, a number
+  that varies from image to image;
+- the samples of a batch do not interact in the estimate. That is true of the plain solver and of adjoint's
+  Neumann series. Anderson mixes with weights computed over the whole batch, adjoint's GMRES takes inner
+  products over it, and aep's ``clip`` compares norms over it, so with any of them the result agrees with one
+  process only to the solver's tolerance.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ from ep_core.protocols import Batch, EquilibriumModel
 DEFAULT_TIMEOUT = 1800.0
 """Seconds a collective waits for the other ranks. A sweep's ranks meet after every round of grid points, so the
 timeout must be longer than the slowest point."""
+
+MAX_TIMEOUT = 1e7
+"""About four months: far past any job, and within what the process group's timer can hold."""
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -179,8 +191,9 @@ def _world_size() -> int:
 def joined(device: str = "cpu", *, timeout: float = DEFAULT_TIMEOUT) -> Iterator[World]:
     """This process's :class:`World` for the block: one process unless a launcher started several, then the
     job's process group (NCCL when ``device`` is cuda, gloo otherwise), destroyed on exit."""
-    if not timeout > 0:
-        raise ConfigError("dist-timeout", f"must be a positive number of seconds, got {timeout!r}")
+    if not 0 < timeout < MAX_TIMEOUT:
+        raise ConfigError("dist-timeout", f"must be a number of seconds between 0 and {MAX_TIMEOUT:g}, got "
+                                          f"{timeout!r}")
     size = _world_size()
     if size <= 1:
         yield World(timeout=timeout)
@@ -208,8 +221,12 @@ def joined(device: str = "cpu", *, timeout: float = DEFAULT_TIMEOUT) -> Iterator
                                f"({reason})") from None
     try:
         yield World(rank=rank, size=size, local_rank=local_rank, timeout=timeout, host_group=host_group)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # After a failed NCCL collective, tearing the group down can wait on the lost peer; the process is ending.
+        if not cuda:
+            dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
 
 
 def shard(batch: Batch, world: World) -> Batch:

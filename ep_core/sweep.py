@@ -23,7 +23,7 @@ from typing import Any
 
 from ep_core.config import ConfigError, suggest
 from ep_core.distributed import ONE_PROCESS, World
-from ep_core.errors import EpxError, ResumeError, UsageError
+from ep_core.errors import DistributedError, EpxError, ResumeError, UsageError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
@@ -272,8 +272,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
                 model_settings=model_settings, data=spec.data, batch_size=spec.batch_size,
                 seeds=[p.seed for p in pending], dtype=spec.dtype, device=device, repeats=spec.repeats,
                 dataset=dataset, progress=progress, eager=eager)
-        except UsageError:
-            raise
+        except (UsageError, DistributedError):
+            raise  # not this point's failure: the options are wrong, or the job is ending
         except EpxError as exc:
             if len(pending) > 1:
                 return [record for point in pending for record in measured([point])]

@@ -49,7 +49,7 @@ from ep_core.config import ConfigError
 from ep_core.distributed import ONE_PROCESS, World, cost_share, shard, shard_share, summed_gradient
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import environment, gradient_metrics, init_state, jsonable
-from ep_core.errors import EpxError, FileFormatError, Interrupted, ResumeError
+from ep_core.errors import DistributedError, EpxError, FileFormatError, Interrupted, ResumeError
 from ep_core.layernorm_study import surrogate_cosines
 from ep_core.protocols import (Batch, ChoosesBackwardRules, HasMetrics, HasTrainingDefaults, LocalModel, Model,
                                ResidualModel, StatefulEstimator)
@@ -203,10 +203,10 @@ def jacobian_penalty(model, batch, state, *, weight: float, generator: torch.Gen
     batch, as one process would, and keeps its own rows. J_G is block-diagonal over the samples, so ||J_Gᵀv||² is
     the sum of the shards' parts, and each rank returns the gradient of its part, divided by the global ||v||²."""
     whole = tuple(torch.randn((t.shape[0] * world.size, *t.shape[1:]), generator=generator, dtype=t.dtype)
-                  for t in state)
+                  .to(t.device) for t in state)
     rows = state[0].shape[0]
-    probe = tuple(v[world.rank * rows:(world.rank + 1) * rows].to(t.device) for v, t in zip(whole, state))
-    probe_norm = float(inner(whole, whole))
+    probe = tuple(v[world.rank * rows:(world.rank + 1) * rows] for v in whole)
+    probe_norm = inner(whole, whole)
     relaxation_step = relaxation_map(model, batch)
     value = {}
 
@@ -526,6 +526,8 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
     try:
         estimate, grads = _global_estimate(runners["estimator"], model, batch, generator=generators["estimator"],
                                            world=world)
+    except DistributedError:
+        raise  # the job is ending, not the model diverging
     except EpxError as exc:
         raise EpxError(f"training step {step}: {exc}. If the loss or the residual grew over the previous steps "
                        "(see the log), training has pushed the model out of its stable regime: lower --lr") from exc

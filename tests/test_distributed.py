@@ -150,9 +150,22 @@ def test_joined_is_one_process_without_a_launcher_and_names_what_a_launch_lacks(
     with pytest.raises(UsageError, match="RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set"):
         with joined("cpu"):
             pass
-    with pytest.raises(ConfigError, match="positive"):
-        with joined("cpu", timeout=0):
-            pass
+    for timeout in (0, float("inf")):
+        with pytest.raises(ConfigError, match="between 0 and"):
+            with joined("cpu", timeout=timeout):
+                pass
+
+
+def test_under_torchrun_a_one_process_command_is_refused_and_other_ranks_name_themselves(monkeypatch):
+    from click.testing import CliRunner
+
+    from epx_cli.main import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(cli, ["compare", "ep", "--model", "toy"])
+    assert result.exit_code == 2 and "`epx compare` runs in one process" in result.output
+    assert CliRunner().invoke(cli, ["list"]).exit_code == 2
 
 
 # --- two gloo processes ------------------------------------------------------------------------------------
@@ -250,13 +263,31 @@ def test_a_rank_killed_mid_sweep_stops_the_job_and_one_process_finishes_it_with_
     assert job.returncode != 0
     assert 2 <= records_in(out) < 9, "the kill must land mid-sweep for this test to mean anything"
     [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert "rank 0 of 2" in line and f"finished points are in {out}" in line
+    # Rank 0 either sees the lost peer first or is ended by torchrun first: one line either way.
+    assert ("rank 0 of 2" in line or "stopped by SIGTERM" in line) and f"finished points are in {out}" in line
     run(epx([*LONG_SWEEP, "--out", str(out)]))
     ids = [record["id"] for record in json.loads(out.read_text())["records"]]
     assert len(ids) == len(set(ids)) == 9
     run(epx([*LONG_SWEEP, "--out", str(tmp_path / "alone.json")]))
     assert without_timing(json.loads(out.read_text())) == without_timing(json.loads((tmp_path / "alone.json")
                                                                                     .read_text()))
+
+
+def test_a_cancelled_sweep_records_no_point_as_failed_and_a_rerun_finishes_it(tmp_path):
+    """SIGTERM to torchrun (scancel, a pod stopped) reaches every process: the point in flight is not this point's
+    failure, so it is left out of --out rather than recorded as failed, and the rerun runs it."""
+    out = tmp_path / "s.json"
+    job = subprocess.Popen(torchrun([*LONG_SWEEP, "--out", str(out)]), env=ENV, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: records_in(out) >= 2)
+    job.send_signal(signal.SIGTERM)
+    stderr = job.communicate(timeout=90)[1]
+    assert job.returncode != 0 and "stopped by SIGTERM" in stderr
+    kept = json.loads(out.read_text())["records"]
+    assert 2 <= len(kept) < 9 and all(record["status"] == "ok" for record in kept)
+    run(epx([*LONG_SWEEP, "--out", str(out)]))
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 9 and all(record["status"] == "ok" for record in records)
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ep_core.errors import (EXIT_OK, EXIT_RUNTIME, ConfigError, EpxError, Interrupted, ThresholdError,
-                            UnknownNameError)
+                            UnknownNameError, UsageError)
 from ep_core.files import check_output, write_atomic
 from ep_core.seeding import SEED_MAX
 from ep_core.plugins import Registry, load
@@ -135,7 +135,8 @@ class EpxGroup(HandledGroup):
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, envvar="EPX_THREADS",
               help="CPU threads for torch. Relaxations are long chains of small tensor operations: one thread is "
                    "usually fastest, and several threads slow down badly when the machine is busy.")
-def cli(threads: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, threads: int) -> None:
     """epx: gradient estimators that avoid or approximate backpropagation, measured against the exact gradient.
 
     \b
@@ -144,6 +145,28 @@ def cli(threads: int) -> None:
     epx info aep                          an estimator's options and exact limit
     epx plugins                           which plugins loaded, and which failed
     """
+    follow_launcher(ctx.invoked_subcommand)
+
+
+JOB_COMMANDS = ("sweep", "train")
+"""The commands that run as one job of several processes under torchrun (ep_core.distributed)."""
+
+
+def follow_launcher(command: str | None) -> None:
+    """Under torchrun (WORLD_SIZE > 1): refuse a command that runs in one process, and keep every rank but 0
+    silent from the start, but for its own errors, which name their rank."""
+    global RANK_LABEL
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    if not size.isdigit() or int(size) <= 1 or command is None:
+        return
+    rank = os.environ.get("RANK", "0").strip()
+    if rank != "0":
+        out.quiet = err.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — for the rest of the process: click.echo writes there too
+        RANK_LABEL = f"rank {rank}: "
+    if command not in JOB_COMMANDS:
+        raise UsageError(f"`epx {command}` runs in one process: start it without torchrun (under torchrun, "
+                         f"{' and '.join(JOB_COMMANDS)} share their work among the processes)")
 
 
 def use_torch() -> None:
@@ -337,27 +360,20 @@ dist_timeout_option = click.option(
 @contextmanager
 def processes(device: str, timeout: float | None) -> Iterator[Any]:
     """This process's place in a torchrun job (ep_core.distributed.World; one process when not launched by one).
-    Only rank 0 prints: the others stay silent for the rest of their process but for their own errors, which name
-    their rank."""
-    from ep_core.distributed import DEFAULT_TIMEOUT, joined
-
+    Only rank 0 prints (:func:`follow_launcher`)."""
     import signal
 
+    from ep_core.distributed import DEFAULT_TIMEOUT, joined
     from ep_core.errors import DistributedError
 
-    global RANK_LABEL
-
-    def stopped_by_launcher(signum: int, frame: Any) -> None:
-        raise DistributedError("stopped by the launcher (SIGTERM): another process of the job ended, and its "
-                               "error or exit status is reported above")
+    def stopped(signum: int, frame: Any) -> None:
+        raise DistributedError("stopped by SIGTERM: the launcher ends the job when one of its processes has "
+                               "failed (its error, or the launcher's report, says which), or the job was cancelled")
 
     with joined(device, timeout=DEFAULT_TIMEOUT if timeout is None else timeout) as world:
         if world.size > 1:
-            # torchrun ends the other processes with SIGTERM when one fails: they stop with one line, not silently.
-            signal.signal(signal.SIGTERM, stopped_by_launcher)
-        if not world.main:
-            out.quiet = err.quiet = True
-            RANK_LABEL = f"rank {world.rank}: "
+            # The processes torchrun ends with SIGTERM stop with one line each, not silently.
+            signal.signal(signal.SIGTERM, stopped)
         yield world
 
 

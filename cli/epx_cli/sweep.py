@@ -96,13 +96,14 @@ def sweep(estimators: tuple[str, ...], model_name: str, reference: str, settings
 
         try:
             with processes(device, dist_timeout) as world:
-                result = run_sweep(reg, spec, out=out_file, data_dir=data_dir, download=not no_download, warn=warn,
-                                   on_point=on_point, on_record=on_record, eager=eager, world=world)
-        except DistributedError as exc:
-            if out_file is None:
-                raise
-            raise DistributedError(f"{exc}. The finished points are in {out_file}; the same command, with any "
-                                   "number of processes, runs only the rest") from None
+                try:
+                    result = run_sweep(reg, spec, out=out_file, data_dir=data_dir, download=not no_download,
+                                       warn=warn, on_point=on_point, on_record=on_record, eager=eager, world=world)
+                except DistributedError as exc:
+                    if out_file is None:
+                        raise
+                    raise DistributedError(f"{exc}. The finished points are in {out_file}; the same command, with "
+                                           "any number of processes, runs only the rest") from None
         except KeyboardInterrupt:
             if out_file is None:
                 raise Interrupted("during the sweep; nothing was kept (use --out FILE to make a sweep "

@@ -34,7 +34,9 @@ from pathlib import Path
 
 from ep_core.files import write_atomic
 
-LM = ["--model", "lm", "--set", "aep.clip=1"]
+LM = ["--model", "lm"]
+SEED_002 = ["--set", "aep.clip=1"]
+"""Seed 002's aep option, for the sweep's comparisons (training runs ep)."""
 
 
 def free_port() -> int:
@@ -62,13 +64,13 @@ def timed(command: list[str]) -> float:
 def sweep_seconds(processes: int, points: int, device: str, scratch: Path) -> float:
     betas = ",".join(f"{0.005 * (i + 1):g}" for i in range(points))
     out = scratch / f"sweep-{processes}.json"
-    return timed(launch(["sweep", "ep", "aep", *LM, "--vary", f"beta={betas}", "--device", device, "--out",
+    return timed(launch(["sweep", "ep", "aep", *LM, *SEED_002, "--vary", f"beta={betas}", "--device", device, "--out",
                          str(out)], processes))
 
 
 def train_seconds(processes: int, steps: int, batch: int, device: str, scratch: Path) -> float:
     directory = scratch / f"train-{processes}-{steps}"
-    return timed(launch(["train", "ep", *LM[:2], "--steps", str(steps), "--batch-size", str(batch * processes),
+    return timed(launch(["train", "ep", *LM, "--steps", str(steps), "--batch-size", str(batch * processes),
                          "--device", device, "--eval-every", str(steps), "--eval-batches", "1",
                          "--diagnose-every", "0", "--checkpoint-every", str(steps), "--out", str(directory)],
                         processes))

@@ -137,6 +137,10 @@ class World:
         """Host numbers summed over ranks."""
         return self._numbers(values, dist.ReduceOp.SUM, what)
 
+    def mean_numbers(self, values: Sequence[float], *, what: str) -> list[float]:
+        """Host numbers averaged over ranks: the global batch's mean of shard means (equal shards)."""
+        return [total / self.size for total in self.sum_numbers(values, what=what)]
+
     def max_numbers(self, values: Sequence[float], *, what: str) -> list[float]:
         """Host numbers, the largest over ranks."""
         return self._numbers(values, dist.ReduceOp.MAX, what)

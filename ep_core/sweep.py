@@ -283,11 +283,12 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
                 for p, c in zip(pending, comparisons)]
 
     units = _units(points)
-    pending_units = [unit for unit in units if any(points[i].id not in done for i in unit)]
+    pending_units = [k for k, unit in enumerate(units) if any(points[i].id not in done for i in unit)]
+    fresh_ids: set[str] = set()
     reported = 0
 
     def report(upto: int) -> None:
-        """Hand the records of the units before ``upto`` to on_record and to the sweep, in grid order."""
+        """Hand the records of units[reported:upto] to on_record and to the sweep, in grid order."""
         nonlocal reported
         for unit in units[reported:upto]:
             for i in unit:
@@ -295,12 +296,11 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
                 sweep.records.append(record)
                 if on_record:
                     on_record(i, len(points), record, points[i].id not in fresh_ids)
-        reported = max(reported, upto)
+        reported = upto
 
-    fresh_ids: set[str] = set()
     for start in range(0, len(pending_units), world.size):
         round_units = pending_units[start:start + world.size]
-        mine = round_units[world.rank] if world.rank < len(round_units) else range(0)
+        mine = units[round_units[world.rank]] if world.rank < len(round_units) else range(0)
         pending = [i for i in mine if points[i].id not in done]
         if on_point and pending:
             on_point(pending[0], len(points), points[pending[0]])
@@ -312,7 +312,7 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
         if out and world.main:
             write_atomic(out, json.dumps({**sweep.to_json(), "records": [done[p.id] for p in points if p.id in done]},
                                          indent=1, allow_nan=False) + "\n")
-        report(units.index(round_units[-1]) + 1)
+        report(round_units[-1] + 1)
     report(len(units))
     return sweep
 

@@ -230,7 +230,7 @@ def validation_loss(run: Run, world: World = ONE_PROCESS) -> float:
         batch = shard(draw_batch(run.model, run.held_out, run.batch_size, data=data, mask=mask), world)
         with torch.no_grad():
             total += float(run.model.loss(batch))
-    return world.sum_numbers([total * shard_share(world)], what="the validation loss")[0] / run.config.eval_batches
+    return world.mean_numbers([total], what="the validation loss")[0] / run.config.eval_batches
 
 
 EVALUATION_BATCH = 1024
@@ -254,7 +254,7 @@ def epoch_record(run: Run, epoch: int, step: int, world: World = ONE_PROCESS) ->
             chunk = {key: value[start:start + CHUNK] for key, value in everything.items()}
             for name, value in model.metrics(chunk).items():
                 totals[name] = totals.get(name, 0.0) + value * next(iter(chunk.values())).shape[0]
-        names = sorted(world.gather_json(sorted(totals), what="the held-out metrics")[0])
+        names = world.gather_json(sorted(totals), what="the held-out metrics")[0]  # rank 0 always has a chunk
         summed = world.sum_numbers([totals.get(name, 0.0) for name in names], what="the held-out metrics")
         record |= {f"test_{name}": total / size for name, total in zip(names, summed)}
     if isinstance(model, ResidualModel) and run.held_out is not None:
@@ -540,7 +540,7 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
                        f"{', '.join(broken)}; lower --lr or the model's eps")
     with torch.no_grad():
         loss = float(model.cost(equilibrium.state, batch) if equilibrium is not None else model.loss(batch))
-    record["loss"] = world.sum_numbers([loss * shard_share(world)], what="the training loss")[0]
+    record["loss"] = world.mean_numbers([loss], what="the training loss")[0]
     if equilibrium is not None:
         record["residual"] = world.max_numbers([equilibrium.residual], what="the free-phase residual")[0]
     if run.reference is not None and config.diagnose_every and (step % config.diagnose_every == 0
@@ -556,7 +556,7 @@ def _train_step(run: Run, step: int, optimizer: torch.optim.Optimizer, generator
         if isinstance(run.estimator, ChoosesBackwardRules) and isinstance(model, LocalModel):
             cosines = surrogate_cosines(model, batch, run.estimator.backward_rules(model))
             # Under torchrun: the mean over the ranks of each shard's cosine.
-            means = world.sum_numbers([c * shard_share(world) for c in cosines.values()], what="the LayerNorm study")
+            means = world.mean_numbers(list(cosines.values()), what="the LayerNorm study")
             record["diagnostic"]["layernorm"] = dict(zip(cosines, means))
         if equilibrium is not None:
             stability = fixed_point_stability(model, batch, equilibrium.state,

@@ -156,7 +156,7 @@ def test_joined_is_one_process_without_a_launcher_and_names_what_a_launch_lacks(
                 pass
 
 
-def test_under_torchrun_a_one_process_command_is_refused_and_other_ranks_name_themselves(monkeypatch):
+def test_under_torchrun_a_one_process_command_is_refused(monkeypatch):
     from click.testing import CliRunner
 
     from epx_cli.main import cli
@@ -180,6 +180,17 @@ def test_a_two_process_sweep_writes_the_records_of_one_process(tmp_path):
     one_file, two_file = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert len(two_file["records"]) == 6 and without_timing(one_file) == without_timing(two_file)
     assert two.stdout.count("sweep of ") == 1, "only rank 0 prints the table"
+
+
+def test_under_torchrun_only_rank_0_prints_and_the_others_name_themselves_in_their_errors():
+    job = subprocess.run(torchrun(["train", "ep", "--model", "toy", "--steps", "2", "--batch-size", "7"]), env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert job.returncode != 0
+    errors = sorted(line for line in job.stderr.splitlines() if line.startswith("error:"))
+    assert len(errors) == 2 and "Traceback" not in "".join(errors)
+    assert errors[0].startswith("error: batch_size: the global batch of 7 does not split into 2")
+    assert errors[1].startswith("error: rank 1: batch_size: the global batch of 7")
+    assert job.stdout == ""
 
 
 TRAIN = ["train", "ep", "--model", "toy", "--model-set", "conservative=false", "--batch-size", "16", "--steps",

@@ -46,6 +46,11 @@ class BPTT:
         values back, so only an equilibrium model's is recorded."""
         return isinstance(model, EquilibriumModel)
 
+    def batchable(self, model) -> bool:
+        """The unrolled free phase treats samples independently, and a sum of the problems' costs differentiates
+        into each problem's gradient; a feed-forward loss may not."""
+        return isinstance(model, EquilibriumModel)
+
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
         if not isinstance(model, EquilibriumModel):
             return GradientEstimate(grads=parameter_gradient(model, lambda: model.loss(batch)))

@@ -27,22 +27,31 @@ batch.
 Capture is used on CUDA for an estimator that declares it (:class:`~ep_core.protocols.Capturable`) for the model
 at hand, and never on the CPU, where there is nothing to gain; ``eager=True`` (``--eager``) forces eager runs. A
 capture that fails falls back to eager runs of that key, with a warning naming the reason.
+
+Several problems (the seeds of ``--seeds N``, a sweep point's seeds) are recorded in one graph: one estimate per
+problem, each on a stream of its own, so that the device runs them side by side. Where they share an estimator
+and model configuration and the estimator treats problems independently (:class:`~ep_core.protocols.Batchable`),
+a graph of one estimate of their stack (:mod:`ep_core.batching`), whose every kernel does the work of all of
+them, is recorded too, and the faster of the two is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
+import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-from ep_core.protocols import Batch, CachesParameterTerms, Capturable, GradientEstimate
+from ep_core.batching import Stacked, member_residuals, split, stack, stackable
+from ep_core.protocols import Batch, Batchable, CachesParameterTerms, Capturable, GradientEstimate
 
 GRAPHS_PER_RUNNER = 8
 """Graphs one runner keeps (least recently used dropped first): each holds its own memory pool."""
@@ -138,10 +147,12 @@ def with_parameter_terms(model: Any, batch: Batch) -> Batch:
 @dataclasses.dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: list[Batch]
+    load: Callable[[list[Batch]], None]
+    """Copies the members' batches (and, for a stack, their parameters) into the tensors the graph reads."""
     outputs: list[GradientEstimate]
     all_finite: torch.Tensor | None
     peak_bytes: int
+    batched: bool
 
 
 Member = tuple[Any, Any]
@@ -151,15 +162,19 @@ Member = tuple[Any, Any]
 class Runner:
     """Runs estimators on models: captured on CUDA where each estimator declares it can be (module docstring),
     eagerly otherwise. ``members`` are (estimator, model) pairs — one, or several problems (seeds, grid points)
-    that run together: captured, their estimates are recorded in one graph on one stream each, so that the
-    device runs them side by side; their results are those of separate runs. ``mode`` says how the last call
-    ran; ``peak_bytes`` is the device memory the captured graph needed (its pool's high-water mark)."""
+    that run together: captured, their estimates are recorded in one graph, as one estimate of their stack or
+    on one stream each; their results are those of separate runs, to rounding. Where the group can be stacked
+    (:meth:`batchable`), ``stacking`` None keeps the faster of the two graphs (:meth:`_capture_fastest`), True
+    the stacked one, False the other. ``mode`` says how the last call ran: "eager", "captured", or "stacked"
+    (captured as one estimate of the stack); ``peak_bytes`` is the device memory the captured graph needed (its
+    pool's high-water mark)."""
 
-    def __init__(self, members: Member | list[Member], *, eager: bool = False):
+    def __init__(self, members: Member | list[Member], *, eager: bool = False, stacking: bool | None = None):
         self.members = [members] if isinstance(members, tuple) else list(members)
         if not self.members:
             raise ValueError("a Runner needs at least one (estimator, model) pair")
         self.eager = eager
+        self.stacking = stacking
         self.mode = "eager"
         self.peak_bytes: int | None = None
         self._graphs: OrderedDict[tuple, _Graph | str] = OrderedDict()
@@ -192,21 +207,19 @@ class Runner:
         key = self._key(batches)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(batches, generators)
+            entry = self._capture_fastest(batches, generators)
             self._graphs[key] = entry
             while len(self._graphs) > GRAPHS_PER_RUNNER:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         if isinstance(entry, str):
             return self._eager(batches, generators)
-        for inputs, batch in zip(entry.inputs, batches):
-            for name, tensor in inputs.items():
-                tensor.copy_(batch[name])
+        entry.load(batches)
         entry.graph.replay()
         if entry.all_finite is not None and not bool(entry.all_finite):
             # The eager runs retrace the replay step by step and raise the DivergenceError with its step.
             return self._eager(batches, generators)
-        self.mode = "captured"
+        self.mode = "stacked" if entry.batched else "captured"
         self.peak_bytes = entry.peak_bytes
         return [_read_out(output) for output in entry.outputs]
 
@@ -224,22 +237,72 @@ class Runner:
             keys.append((type(estimator), estimator.config, model.config, storage, inputs))
         return tuple(keys), torch.is_grad_enabled()
 
-    def _capture(self, batches: list[Batch], generators: list[torch.Generator]) -> _Graph | str:
+    def batchable(self, batches: list[Batch]) -> bool:
+        """Whether the members run as one stacked model (:mod:`ep_core.batching`): several of them, with one
+        estimator configuration and one model type and configuration, an estimator that declares it treats
+        problems independently, and batches that stack."""
+        if len(self.members) < 2:
+            return False
+        estimator, model = self.members[0]
+        kind = (type(estimator), estimator.config, type(model), model.config)
+        return (all((type(e), e.config, type(m), m.config) == kind for e, m in self.members)
+                and isinstance(estimator, Batchable) and estimator.batchable(model) and stackable(batches))
+
+    def _capture_fastest(self, batches: list[Batch], generators: list[torch.Generator]) -> _Graph | str:
+        """The group's graph: where it can be stacked, both the stacked graph and the one with a stream per
+        problem are recorded and the one whose replay is faster is kept. Neither always wins: stacking makes
+        each kernel do the work of all problems, which pays while kernels are small, but a batched kernel can be
+        slower than its members' side by side (a differentiated attention runs as its math decomposition under
+        vmap; lm's bptt: 47 against 38 ms for 8 problems on an H200)."""
+        if self.stacking is False or not self.batchable(batches):
+            return self._capture(batches, generators, as_stack=False)
+        if self.stacking:
+            return self._capture(batches, generators, as_stack=True)
+        try:
+            stacked = self._capture(batches, generators, as_stack=True)
+        except Exception as error:  # noqa: BLE001 — a model vmap cannot run stacked runs side by side
+            names = ", ".join(dict.fromkeys(type(estimator).name for estimator, _ in self.members))
+            warnings.warn(f"{names}: could not run the problems stacked ({type(error).__name__}: {error}); "
+                          "capturing them side by side", RuntimeWarning, stacklevel=3)
+            stacked = "not stacked"
+        recorded = [graph for graph in (stacked, self._capture(batches, generators, as_stack=False))
+                    if isinstance(graph, _Graph)]
+        if not recorded:
+            return "neither the stacked estimate nor the estimates side by side could be captured"
+        return min(recorded, key=lambda graph: _replay_ms(graph, batches))
+
+    def _capture(self, batches: list[Batch], generators: list[torch.Generator], *,
+                 as_stack: bool) -> _Graph | str:
         device = next(self.members[0][1].parameters()).device
-        inputs = [{name: tensor.clone() for name, tensor in batch.items()} for batch in batches]
+        stacked = stack([model for _, model in self.members]) if as_stack else None
+        if stacked is not None:
+            inputs = [stacked.batch(batches)]
+
+            def load(new: list[Batch]) -> None:
+                stacked.load(new, into=inputs[0])
+        else:
+            inputs = [{name: tensor.clone() for name, tensor in batch.items()} for batch in batches]
+
+            def load(new: list[Batch]) -> None:
+                for tensors, batch in zip(inputs, new):
+                    for name, tensor in tensors.items():
+                        tensor.copy_(batch[name])
         main = torch.cuda.current_stream(device)
         capture = _capture_stream(device)
-        streams = [torch.cuda.Stream(device) for _ in self.members] if len(self.members) > 1 else []
+        streams = [torch.cuda.Stream(device) for _ in self.members] if len(self.members) > 1 and not stacked else []
         # Library handles and lazily built kernels are made before recording, as capture requires: one estimate of
         # each distinct estimator type and model shape is enough, not one per member.
         warmed = set()
         capture.wait_stream(main)
         with torch.cuda.stream(capture):
-            for (estimator, model), batch, gen in zip(self.members, inputs, generators):
-                kind = (type(estimator), estimator.config, model.config)
-                if kind not in warmed:
-                    warmed.add(kind)
-                    eager_estimate(estimator, model, batch, generator=gen)
+            if stacked is not None:
+                eager_estimate(self.members[0][0], stacked, inputs[0], generator=generators[0])
+            else:
+                for (estimator, model), batch, gen in zip(self.members, inputs, generators):
+                    kind = (type(estimator), estimator.config, model.config)
+                    if kind not in warmed:
+                        warmed.add(kind)
+                        eager_estimate(estimator, model, batch, generator=gen)
         main.wait_stream(capture)
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
@@ -251,19 +314,31 @@ class Runner:
         gc.disable()
         try:
             with _recording() as flags, torch.cuda.graph(graph, stream=capture):
-                outputs = self._record(inputs, generators, streams)
+                outputs = (self._record_stacked(stacked, inputs[0], generators[0]) if stacked is not None
+                           else self._record(inputs, generators, streams))
                 all_finite = flags[0]
         except Exception as error:  # noqa: BLE001 — any failure to record means: run this key eagerly
             torch.cuda.synchronize(device)
             names = ", ".join(dict.fromkeys(type(estimator).name for estimator, _ in self.members))
-            warnings.warn(f"{names}: could not capture the estimate as a CUDA graph ({type(error).__name__}: "
-                          f"{error}); running it eagerly", RuntimeWarning, stacklevel=3)
+            what, instead = (("the problems' stack", "capturing them side by side") if stacked is not None
+                             else ("the estimate", "running it eagerly"))
+            warnings.warn(f"{names}: could not capture {what} as a CUDA graph ({type(error).__name__}: {error}); "
+                          f"{instead}", RuntimeWarning, stacklevel=4)
             return f"{type(error).__name__}: {error}"
         finally:
             if collecting:
                 gc.enable()
         peak = torch.cuda.max_memory_allocated(device) - baseline
-        return _Graph(graph=graph, inputs=inputs, outputs=outputs, all_finite=all_finite, peak_bytes=peak)
+        return _Graph(graph=graph, load=load, outputs=outputs, all_finite=all_finite, peak_bytes=peak,
+                      batched=stacked is not None)
+
+    def _record_stacked(self, stacked: Stacked, batch: Batch, generator: torch.Generator) -> list[GradientEstimate]:
+        """The members' estimates as one estimate of their stack, with each member's own free-phase residual."""
+        estimate = eager_estimate(self.members[0][0], stacked, batch, generator=generator)
+        if estimate.equilibrium is None:
+            return split(estimate, [None] * len(stacked))
+        residuals = member_residuals(stacked, batch, estimate.equilibrium.state)
+        return split(estimate, [report(residual) for residual in residuals])
 
 
     def _record(self, inputs: list[Batch], generators: list[torch.Generator],
@@ -283,6 +358,20 @@ class Runner:
         for stream in streams:
             capturing_stream.wait_stream(stream)
         return outputs
+
+
+def _replay_ms(graph: _Graph, batches: list[Batch], repeats: int = 3) -> float:
+    """The median ms of ``repeats`` replays of ``graph`` on ``batches``, after one untimed."""
+    graph.load(batches)
+    graph.graph.replay()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def eager_estimate(estimator: Any, model: Any, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:

@@ -81,7 +81,8 @@ class Measurement:
     calls: dict[str, int] = field(default_factory=dict)
     """Force (and non-conservative part) evaluations of one estimate; empty for a model without a force."""
     mode: str = "eager"
-    """How the timed estimates ran: "captured" (replays of a CUDA graph) or "eager"."""
+    """How the timed estimates ran: "captured" (replays of a CUDA graph), "stacked" (replays of one graph of the
+    group's stack, :mod:`ep_core.batching`) or "eager"."""
     group_size: int = 1
     """Problems timed together (:func:`measure_group`): ``ms`` are the times of all of them."""
 
@@ -129,17 +130,18 @@ def measure(estimator, model, batch: Batch, *, seed: int, repeats: int, warmup: 
 
 
 def measure_group(members: Sequence[tuple[Any, Any]], batches: Sequence[Batch], *, seeds: Sequence[int],
-                  repeats: int, warmup: int = 1, eager: bool = False) -> list[Measurement]:
+                  repeats: int, warmup: int = 1, eager: bool = False,
+                  stacking: bool | None = None) -> list[Measurement]:
     """:func:`measure` for several (estimator, model) problems run together (:class:`ep_core.capture.Runner`):
     on CUDA, captured, their estimates are one graph whose problems run side by side, and every timed run times
     them all; eagerly they run one after the other. Each problem's estimate is what it would be alone.
 
     An estimator whose work is fixed makes the same evaluations on every problem of one configuration, so where
     the group is captured they are counted on one eager run per configuration; eagerly, on each problem's own
-    first run."""
+    first run. ``stacking`` is the :class:`~ep_core.capture.Runner`'s."""
     device = next(members[0][1].parameters()).device
     cuda = device.type == "cuda"
-    runner = Runner(list(members), eager=eager)
+    runner = Runner(list(members), eager=eager, stacking=stacking)
 
     def generators() -> list[torch.Generator]:
         return [generator(seed, ESTIMATOR_STREAM, device) for seed in seeds]
@@ -182,7 +184,7 @@ def measure_group(members: Sequence[tuple[Any, Any]], batches: Sequence[Batch], 
         if cuda:
             peak = max(peak or 0, torch.cuda.max_memory_allocated(device) - baseline)
         deterministic = [d and _same(a, b) for d, a, b in zip(deterministic, firsts, again)]
-    if runner.mode == "captured":
+    if runner.mode in ("captured", "stacked"):
         peak = max(peak or 0, runner.peak_bytes or 0)
     return [Measurement(first, times, peak, same, counts if isinstance(model, EquilibriumModel) else {},
                         mode=runner.mode, group_size=len(members))
@@ -207,7 +209,8 @@ class Result:
     fixed_point_distance: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     execution: str = "eager"
-    """"captured" when the timed estimates were replays of a CUDA graph, else "eager"."""
+    """"captured" when the timed estimates were replays of a CUDA graph, "stacked" when the graph held the
+    stack of a group of problems (:mod:`ep_core.batching`), else "eager"."""
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -341,7 +344,8 @@ class Case:
 
 def compare_cases(cases: Sequence[Case], labels: Sequence[str], *, reference: str, repeats: int = 3,
                   warmup: int = 1, converged_tol: float = CONVERGED_TOL, stability_iterations: int = 30,
-                  progress: Progress | None = None, eager: bool = False) -> list[Comparison]:
+                  progress: Progress | None = None, eager: bool = False,
+                  stacking: bool | None = None) -> list[Comparison]:
     """:func:`compare` on each of ``cases`` (seeds, grid points), each estimator measured on all of them together
     (:func:`measure_group`: on CUDA one graph whose problems run side by side). One :class:`Comparison` per case,
     whose numbers are those it would have alone; with several cases its ``group`` says how many were timed
@@ -361,7 +365,7 @@ def compare_cases(cases: Sequence[Case], labels: Sequence[str], *, reference: st
             progress(label, done, total)
         measured[label] = measure_group([(case.estimators[label], case.model) for case in cases],
                                         [case.batch for case in cases], seeds=[case.seed for case in cases],
-                                        repeats=repeats, warmup=warmup, eager=eager)
+                                        repeats=repeats, warmup=warmup, eager=eager, stacking=stacking)
     comparisons = [_comparison(case, index, order, measured, reference=reference, repeats=repeats, warmup=warmup,
                                converged_tol=converged_tol, stability_iterations=stability_iterations,
                                group=len(cases))

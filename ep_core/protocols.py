@@ -21,7 +21,7 @@ import torch
 from ep_core.config import Config
 from ep_core.errors import ConfigError, DivergenceError, EpxError, FileFormatError
 
-__all__ = ["Batch", "CachesParameterTerms", "Capturable", "ChoosesBackwardRules", "DataSpec", "Dataset",
+__all__ = ["Batch", "Batchable", "CachesParameterTerms", "Capturable", "ChoosesBackwardRules", "DataSpec", "Dataset",
            "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel",
            "EstimateStats", "Estimator", "GradientEstimate", "HasMetrics", "HasTrainingDefaults", "LocalModel",
            "Model", "NamedState", "ResidualModel", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
@@ -217,6 +217,17 @@ class Capturable(Protocol):
     ``capturable(model)`` says whether that holds for this model and configuration."""
 
     def capturable(self, model: Any) -> bool: ...
+
+
+@runtime_checkable
+class Batchable(Protocol):
+    """An estimator whose estimate treats problems independently, so that N problems of one configuration (seeds,
+    grid points) can run as one stacked model (:mod:`ep_core.batching`): it reduces over the whole state or batch
+    only through the model's cost and the free phase's residual (which the stack recomputes per problem), draws
+    nothing at random, and its stats do not depend on the data. ``batchable(model)`` says whether that holds for
+    this model and configuration."""
+
+    def batchable(self, model: Any) -> bool: ...
 
 
 @runtime_checkable

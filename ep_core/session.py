@@ -396,10 +396,12 @@ def run_comparisons(registry: Registry, estimators: Sequence[str], model_name: s
                     data_dir: str | None = None, batch_size: int | None = None, dtype: str = "float32",
                     device: str = "cpu", repeats: int = 3, download: bool = True,
                     warn: Callable[[str], None] | None = None, progress: Progress | None = None,
-                    dataset: Any | None = None, eager: bool = False) -> list[Comparison]:
+                    dataset: Any | None = None, eager: bool = False,
+                    stacking: bool | None = None) -> list[Comparison]:
     """One comparison per seed of ``seeds`` — its own model initialisation and batch, the same configuration —
-    measured together (:func:`ep_core.harness.compare_cases`: on CUDA, each estimator's problems are one graph
-    that runs them side by side). Each comparison's numbers are those of a run with that seed alone."""
+    measured together (:func:`ep_core.harness.compare_cases`: on CUDA, each estimator's problems are one graph,
+    stacked or side by side as ``stacking`` says, :class:`ep_core.capture.Runner`). Each comparison's numbers are
+    those of a run with that seed alone."""
     if not seeds:
         raise ConfigError("seeds", "give at least one seed")
     labels = [label for label in dict.fromkeys(estimators) if label != reference]
@@ -413,4 +415,5 @@ def run_comparisons(registry: Registry, estimators: Sequence[str], model_name: s
         prepared = problem.batch()
         cases.append(Case(model=problem.model, batch=prepared.batch, seed=seed, estimators=problem.estimators,
                           meta=problem.describe(prepared)))
-    return compare_cases(cases, labels, reference=reference, repeats=repeats, progress=progress, eager=eager)
+    return compare_cases(cases, labels, reference=reference, repeats=repeats, progress=progress, eager=eager,
+                         stacking=stacking)

@@ -155,10 +155,14 @@ def comparison_title(data: dict[str, Any]) -> str:
 
 def captured_note(data: dict[str, Any]) -> str:
     """Which rows' times are replays of a CUDA graph (module ep_core.capture), when any are."""
-    captured = [r["label"] for r in data["results"] if r.get("execution") == "captured"]
+    captured = [r["label"] for r in data["results"] if r.get("execution") in ("captured", "stacked")]
     if not captured:
         return ""
-    return " (CUDA graphs)" if len(captured) == len(data["results"]) else f" (CUDA graphs: {', '.join(captured)})"
+    stacked = [r["label"] for r in data["results"] if r.get("execution") == "stacked"]
+    which = "" if len(captured) == len(data["results"]) else f": {', '.join(captured)}"
+    problems = (data.get("group") or {}).get("size")
+    batched = "" if not stacked else f"; {', '.join(stacked)} stacked over the {problems} problems"
+    return f" (CUDA graphs{which}{batched})"
 
 
 def comparison_table(data: dict[str, Any]) -> Table:

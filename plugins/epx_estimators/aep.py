@@ -72,6 +72,10 @@ class AEP:
     def capturable(self, model) -> bool:
         return fixed_steps(model.dynamics)
 
+    def batchable(self, model) -> bool:
+        """The clip compares norms over the whole state, and a solver that stops on a tolerance its residual."""
+        return self.config.clip is None and fixed_steps(model.dynamics)
+
     def antisymmetric_correction(self, model, batch: Batch, equilibrium: Equilibrium):
         """The term (x, F(x)) ↦ −(Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*.
 

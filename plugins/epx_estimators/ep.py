@@ -47,6 +47,11 @@ class EP:
     def capturable(self, model) -> bool:
         return fixed_steps(model.dynamics)
 
+    def batchable(self, model) -> bool:
+        """A solver that stops on a tolerance measures the residual over the whole state: only the plain one
+        treats problems independently."""
+        return fixed_steps(model.dynamics)
+
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
         cfg = self.config
         equilibrium = free_phase(model, batch)

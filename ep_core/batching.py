@@ -1,0 +1,218 @@
+"""Batched problems: N equilibrium models of one configuration, each with its own batch, run as one model.
+
+:func:`stack` makes a model whose parameters, buffers, states and batch entries carry a leading problem axis of
+length N, and whose methods are the members' own, vectorised over that axis (``torch.func.vmap`` of
+``torch.func.functional_call``):
+
+    F(x; θ)[i] = F(x[i]; θ_i, batch[i]),   init_state and Π likewise,   C(x; θ) = Σ_i C(x[i]; θ_i, batch[i]).
+
+The cost is a sum of the members' costs, so ∇ₓC[i] = ∇ₓC_i and ∂C/∂θ_i = ∂C_i/∂θ_i: an estimator that treats
+problems independently (:class:`~ep_core.protocols.Batchable`: no reduction over the whole state but the
+model's cost, no random draws) computes on the stack the N members' own estimates, in relaxations whose every
+kernel does the work of N. On a GPU a small problem's step costs about its kernel launches, so N problems cost
+little more than one (:class:`ep_core.capture.Runner` records the stack's estimate as one CUDA graph).
+
+The one number of an estimate that reduces over the whole state, the free phase's residual ||G(x*) − x*|| / ||x*||,
+is recomputed per member (:func:`member_residuals`); :func:`split` gives back the N members' estimates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, Equilibrium, GradientEstimate,
+                               State)
+
+PROBLEMS = "problems"
+"""The stack's submodule holding the stacked parameters and buffers: its names are the members' under this prefix."""
+
+
+class Stacked(nn.Module):
+    """N models of one type and configuration as one (module docstring). Built by :func:`stack`."""
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        base = models[0]
+        self.problems = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, parameter in base.named_parameters():
+                owner, leaf = _owner(self.problems, name)
+                owner._parameters[leaf] = nn.Parameter(torch.stack([m.get_parameter(name) for m in models]),
+                                                       requires_grad=parameter.requires_grad)
+            for name, _ in base.named_buffers():
+                owner, leaf = _owner(self.problems, name)
+                owner._buffers[leaf] = torch.stack([m.get_buffer(name) for m in models])
+        self.members = list(models)
+        self.config = base.config
+        self.data = base.data
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def forward(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(member, *args)`` for one member: what :meth:`_each` runs with that member's tensors swapped in."""
+        return call(self.problems, *args)
+
+    def _each(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(member_i, *args[i])`` for every member i, vectorised over the leading problem axis."""
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+
+        def one(member_tensors: dict[str, torch.Tensor], *member_args: Any) -> Any:
+            return torch.func.functional_call(self, member_tensors, (call, *member_args))
+        # The fused attention kernels' batching rules break in the backward pass on CUDA ("LSE is not correctly
+        # aligned", torch 2.11) and are a loop over the members on the CPU: where a pass may be differentiated, and
+        # on the CPU, attention runs as its math decomposition, which batches as plain matrix products.
+        fused = not torch.is_grad_enabled() and all(t.device.type == "cuda" for t in tensors.values())
+        with contextlib.nullcontext() if fused else sdpa_kernel(SDPBackend.MATH):
+            return torch.func.vmap(one)(tensors, *args)
+
+    def batch(self, batches: Sequence[Batch]) -> Batch:
+        """The members' batches as the stack's: stacked, each carrying its member's parameter-term inputs
+        (:class:`~ep_core.protocols.CachesParameterTerms`), which cannot be computed under vmap."""
+        return stack_batches(self._with_term_inputs(batches))
+
+    def _with_term_inputs(self, batches: Sequence[Batch]) -> list[Batch]:
+        return [{**batch, **m.parameter_term_inputs()} if isinstance(m, CachesParameterTerms) else batch
+                for m, batch in zip(self.members, batches, strict=True)]
+
+    def load(self, batches: Sequence[Batch], into: Batch) -> None:
+        """Copy the members' current parameters and buffers into the stack's, and ``batches`` into the stacked
+        batch ``into`` (made by :meth:`batch`): what a replayed graph reads, so that it sees in-place updates of
+        the members."""
+        with torch.no_grad():
+            for name, stacked in (*self.named_parameters(), *self.named_buffers()):
+                member_name = name.removeprefix(PROBLEMS + ".")
+                torch.stack([_tensor(m, member_name) for m in self.members], out=stacked)
+            complete = self._with_term_inputs(batches)
+            for key, stacked in into.items():
+                torch.stack([batch[key] for batch in complete], out=stacked)
+
+    @property
+    def dynamics(self):
+        return self.problems.dynamics
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        return {group: [f"{PROBLEMS}.{name}" for name in names]
+                for group, names in self.problems.parameter_groups().items()}
+
+    def prepare_batch(self, inputs: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator) -> Batch:
+        """Each member's batch from its slice of ``inputs`` and ``targets`` (problem axis first), as :meth:`batch`."""
+        return self.batch([m.prepare_batch(i, t, generator=generator)
+                           for m, i, t in zip(self.members, inputs, targets, strict=True)])
+
+    def init_state(self, batch: Batch) -> State:
+        return self._each(lambda model, b: model.init_state(b), batch)
+
+    def force(self, state: State, batch: Batch) -> State:
+        return self._each(lambda model, x, b: model.force(x, b), state, batch)
+
+    def project(self, state: State) -> State:
+        return self._each(lambda model, x: model.project(x), state)
+
+    def cost(self, state: State, batch: Batch) -> torch.Tensor:
+        return self._each(lambda model, x, b: model.cost(x, b), state, batch).sum()
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return self._each(lambda model, b: model.loss(b), batch).sum()
+
+
+class _Nonconservative:
+    def nonconservative(self, state: State, batch: Batch) -> State:
+        return self._each(lambda model, x, b: model.nonconservative(x, b), state, batch)
+
+
+class _ParameterTerms:
+    def parameter_term_inputs(self) -> Batch:
+        """The members' own, stacked: the stack's parameters are theirs (:meth:`Stacked.load`), and what these
+        inputs hold (lm: an eigenvector) cannot be computed under vmap."""
+        return stack_batches([m.parameter_term_inputs() for m in self.members])
+
+    def with_parameter_terms(self, batch: Batch) -> Batch:
+        return self._each(lambda model, b: model.with_parameter_terms(b), batch)
+
+
+@functools.cache
+def _stacked_class(model_type: type) -> type[Stacked]:
+    """Stacked with the optional members the members' type declares, so that the stack satisfies the same
+    protocols (:class:`DeclaresNonconservative`, :class:`CachesParameterTerms`) and estimators treat it alike."""
+    mixins = [mixin for protocol, mixin in ((DeclaresNonconservative, _Nonconservative),
+                                            (CachesParameterTerms, _ParameterTerms))
+              if issubclass(model_type, protocol)]
+    return type(f"Stacked{model_type.__name__}", (*mixins, Stacked), {})
+
+
+def stack(models: Sequence[nn.Module]) -> Stacked:
+    """The N models as one (module docstring). They must share a type, a configuration and parameter shapes."""
+    if not models:
+        raise ValueError("stack needs at least one model")
+    base = models[0]
+    shapes = _shapes(base)
+    for model in models[1:]:
+        if type(model) is not type(base) or model.config != base.config or _shapes(model) != shapes:
+            raise ValueError("stacked models must share a type, a configuration and parameter shapes")
+    return _stacked_class(type(base))(models)
+
+
+def stackable(batches: Sequence[Batch]) -> bool:
+    """Whether the batches stack: the same keys, every value a tensor of one shape, dtype and device."""
+    first = batches[0]
+    return all(batch.keys() == first.keys() and all(
+        isinstance(batch[key], torch.Tensor) and isinstance(first[key], torch.Tensor)
+        and (batch[key].shape, batch[key].dtype, batch[key].device) == (first[key].shape, first[key].dtype,
+                                                                          first[key].device)
+        for key in first) for batch in batches)
+
+
+def stack_batches(batches: Sequence[Batch]) -> Batch:
+    if not stackable(batches):
+        raise ValueError("batches stack only with the same keys and tensors of one shape, dtype and device")
+    return {key: torch.stack([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def member_residuals(model: Stacked, batch: Batch, state: State) -> torch.Tensor:
+    """r_i = ||G(x[i]) − x[i]|| / ||x[i]|| for each member i (one batched force evaluation): a vector of N."""
+    with torch.no_grad():
+        if isinstance(model, CachesParameterTerms):
+            batch = model.with_parameter_terms(batch)
+        eps = model.dynamics.eps
+        moved = model.project(tuple(torch.add(x, f, alpha=eps) for x, f in zip(state, model.force(state, batch))))
+
+        def squares(parts: State) -> torch.Tensor:
+            return sum(part.reshape(part.shape[0], -1).pow(2).sum(dim=1) for part in parts)
+        size = squares(state).sqrt().clamp_min(torch.finfo(state[0].dtype).tiny)
+        return squares(tuple(m - x for m, x in zip(moved, state))).sqrt() / size
+
+
+def split(estimate: GradientEstimate, residuals: Sequence[Any]) -> list[GradientEstimate]:
+    """The members' estimates from the stack's, with their own free-phase residuals."""
+    estimates = []
+    for i, residual in enumerate(residuals):
+        grads = {name.removeprefix(PROBLEMS + "."): g[i] for name, g in estimate.grads.items()}
+        found = estimate.equilibrium
+        equilibrium = None if found is None else Equilibrium(state=tuple(t[i] for t in found.state),
+                                                             residual=residual, steps=found.steps)
+        estimates.append(GradientEstimate(grads=grads, equilibrium=equilibrium, stats=estimate.stats))
+    return estimates
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    owner, leaf = _owner(module, name)
+    return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+
+
+def _shapes(model: nn.Module) -> tuple:
+    return tuple((name, t.shape, t.dtype, t.device) for name, t in (*model.named_parameters(),
+                                                                     *model.named_buffers()))

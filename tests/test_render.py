@@ -181,3 +181,16 @@ def test_wide_prints_one_table_however_narrow_the_terminal(epx):
     assert wide.stdout.count("┏") == 2 < narrow.stdout.count("┏")
     assert max(len(line) for line in wide.stdout.splitlines()) > 40
     assert "…" not in wide.stdout
+
+
+def test_the_title_says_which_rows_were_captured_and_which_stacked():
+    data = comparison()
+    assert "CUDA graphs" not in comparison_title(data)
+    for row, execution in zip(data["results"], ["captured", "stacked", "stacked", "eager"]):
+        row["execution"] = execution
+    data["group"] = {"size": 8, "note": ""}
+    title = comparison_title(data)
+    assert "(CUDA graphs: bptt, ep, aep; ep, aep stacked over the 8 problems)" in title
+    for row in data["results"]:
+        row["execution"] = "captured"
+    assert "(CUDA graphs)" in comparison_title(data)

@@ -1,15 +1,17 @@
 """Problems measured together: `compare --seeds N` against `--seeds 1`, stacked (ep_core.batching) and not, in one run.
 
     python benchmarks/seeds.py --device cuda [--seeds 8] [--repeats 10] [--set aep.clip=1 ...] [--out FILE]
+    python benchmarks/seeds.py --device cuda --vary s=0.25,0.5,1,2 [--out FILE]
 
-For each estimator of ep, aep and bptt (the reference) on lm's defaults, seed 0 upwards: the median ms of one
-timed run of all N problems together (the harness's timing of a group, what `compare --seeds N` reports), with
-N = 1 and N = ``--seeds``; the group as the runner chooses it (the faster of the stacked graph and the graph with
-one stream per problem), stacked (ep_core.batching) and side by side; and each seed's cosine and relative error
-against those of its own separate run, in all three. Then the wall time of the whole
+For each estimator of ep, aep and bptt (the reference) on lm's defaults, seed 0 upwards (with ``--vary``: seed 0
+at each value of a knob lm stacks, s or c, the grid points of a sweep over it): the median ms of one timed run of
+all N problems together (the harness's timing of a group, what `compare --seeds N` reports), with N = 1 (the
+first problem alone) and N problems; the group as the runner chooses it (the faster of the stacked graph and the
+graph with one stream per problem), stacked (ep_core.batching) and side by side; and each problem's cosine and
+relative error against those of its own separate run, in all three. Then, for seeds, the wall time of the whole
 `epx compare ep aep bptt --model lm --seeds N` command against `--seeds 1`, each run twice in turn.
 
-Exit 3 unless every chosen group's time is at most 2× its N = 1 time and every per-seed number equals the
+Exit 3 unless every chosen group's time is at most 2× its N = 1 time and every per-problem number equals the
 separate run's to 1e-5.
 """
 
@@ -25,7 +27,8 @@ import time
 from ep_core.files import write_atomic
 from ep_core.harness import environment
 from ep_core.plugins import load
-from ep_core.session import parse_settings, run_comparison, run_comparisons
+from ep_core.session import parse_settings, run_problem_comparisons
+from ep_core.sweep import parse_vary
 
 ESTIMATORS = ["ep", "aep"]
 REFERENCE = "bptt"
@@ -55,19 +58,28 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--vary", help="KEY=v1,v2,...: seed 0 at each value of a knob lm stacks, not N seeds")
     parser.add_argument("--set", dest="settings", action="append", default=[])
     parser.add_argument("--out")
     args = parser.parse_args()
     registry = load()
     settings = parse_settings(args.settings, "--set")
-    common = {"settings": settings, "device": args.device, "repeats": args.repeats}
-    seeds = list(range(args.seeds))
+    if args.vary:
+        key, values = parse_vary(args.vary)
+        problems = [({key: value}, 0) for value in values]
+    else:
+        problems = [({}, seed) for seed in range(args.seeds)]
+    n = len(problems)
 
-    one = run_comparisons(registry, [REFERENCE, *ESTIMATORS], "lm", seeds=[0], **common)
-    chosen = run_comparisons(registry, [REFERENCE, *ESTIMATORS], "lm", seeds=seeds, **common)
-    streams = run_comparisons(registry, [REFERENCE, *ESTIMATORS], "lm", seeds=seeds, stacking=False, **common)
-    stacks = run_comparisons(registry, [REFERENCE, *ESTIMATORS], "lm", seeds=seeds, stacking=True, **common)
-    alone = [run_comparison(registry, [REFERENCE, *ESTIMATORS], "lm", seed=seed, **common) for seed in seeds]
+    def run(group, **options):
+        return run_problem_comparisons(registry, [REFERENCE, *ESTIMATORS], "lm", problems=group, settings=settings,
+                                       device=args.device, repeats=args.repeats, **options)
+
+    one = run(problems[:1])
+    chosen = run(problems)
+    streams = run(problems, stacking=False)
+    stacks = run(problems, stacking=True)
+    alone = [run([problem])[0] for problem in problems]
 
     largest = 0.0
     for together, single in zip([*chosen, *stacks, *streams], alone * 3):
@@ -79,27 +91,31 @@ def main() -> int:
     modes = {r.label: r.execution for r in chosen[0].results}
     ratios = {label: times["chosen"][label] / times["1"][label] for label in times["1"]}
 
-    extra = [item for pair in (("--set", s) for s in args.settings) for item in pair]
-    walls: dict[str, list[float]] = {"1": [], str(args.seeds): []}
-    for _ in range(2):
-        walls["1"].append(command_seconds(1, args.device, extra))
-        walls[str(args.seeds)].append(command_seconds(args.seeds, args.device, extra))
+    walls: dict[str, list[float]] = {}
+    if not args.vary:
+        extra = [item for pair in (("--set", s) for s in args.settings) for item in pair]
+        walls = {"1": [], str(n): []}
+        for _ in range(2):
+            walls["1"].append(command_seconds(1, args.device, extra))
+            walls[str(n)].append(command_seconds(n, args.device, extra))
     wall = {key: statistics.median(values) for key, values in walls.items()}
 
-    print(f"lm defaults{' with ' + ', '.join(args.settings) if args.settings else ''}, {args.device}: median ms "
-          f"of one run of the group")
-    print(f"{'estimator':<10} {'N=1':>8} {'chosen':>9} {f'N={args.seeds}':>8} {'ratio':>6} {'stacked':>8} "
+    what = f"seed 0 at {args.vary}" if args.vary else f"seeds 0-{n - 1}"
+    print(f"lm defaults{' with ' + ', '.join(args.settings) if args.settings else ''}, {what}, {args.device}: "
+          f"median ms of one run of the group")
+    print(f"{'estimator':<10} {'N=1':>8} {'chosen':>9} {f'N={n}':>8} {'ratio':>6} {'stacked':>8} "
           f"{'ratio':>6} {'streams':>8} {'ratio':>6}")
     for label in times["1"]:
         cells = [f"{times[kind][label]:8.2f} {times[kind][label] / times['1'][label]:6.2f}"
                  for kind in ("chosen", "stacked", "streams")]
         print(f"{label:<10} {times['1'][label]:8.2f} {modes[label]:>9} {'  '.join(cells)}")
-    print(f"largest per-seed difference (cosine, rel error) from separate runs: {largest:.2e}")
-    print(f"whole command: --seeds 1 {wall['1']:.1f} s, --seeds {args.seeds} {wall[str(args.seeds)]:.1f} s "
-          f"({wall[str(args.seeds)] / wall['1']:.2f}x)")
+    print(f"largest per-problem difference (cosine, rel error) from separate runs: {largest:.2e}")
+    if wall:
+        print(f"whole command: --seeds 1 {wall['1']:.1f} s, --seeds {n} {wall[str(n)]:.1f} s "
+              f"({wall[str(n)] / wall['1']:.2f}x)")
     ok = largest <= TOL and all(ratio <= BOUND for ratio in ratios.values())
     if args.out:
-        write_atomic(args.out, json.dumps({"environment": environment(), "seeds": args.seeds,
+        write_atomic(args.out, json.dumps({"environment": environment(), "problems": problems,
                                            "settings": args.settings, "ms": times, "modes": modes,
                                            "ratios": ratios, "largest_difference": largest, "command_s": walls},
                                           indent=2))

@@ -12,6 +12,10 @@ model's cost, no random draws) computes on the stack the N members' own estimate
 kernel does the work of N. On a GPU a small problem's step costs about its kernel launches, so N problems cost
 little more than one (:class:`ep_core.capture.Runner` records the stack's estimate as one CUDA graph).
 
+Members may differ in the continuous knobs their model reads from buffers (:class:`~ep_core.protocols.StacksKnobs`:
+lm's and cet's attention scale s and damping c), which are stacked like any buffer: the grid points of a sweep
+over s run as one relaxation.
+
 The one number of an estimate that reduces over the whole state, the free phase's residual ||G(x*) − x*|| / ||x*||,
 is recomputed per member (:func:`member_residuals`); :func:`split` gives back the N members' estimates.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,14 +34,15 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, Equilibrium, GradientEstimate,
-                               State)
+                               State, StacksKnobs)
 
 PROBLEMS = "problems"
 """The stack's submodule holding the stacked parameters and buffers: its names are the members' under this prefix."""
 
 
 class Stacked(nn.Module):
-    """N models of one type and configuration as one (module docstring). Built by :func:`stack`."""
+    """N models of one type and configuration as one (module docstring). Built by :func:`stack`. ``config`` is the
+    first member's: the members' knobs (:class:`~ep_core.protocols.StacksKnobs`) are in the stacked buffers."""
 
     def __init__(self, models: Sequence[nn.Module]):
         super().__init__()
@@ -150,15 +156,45 @@ def _stacked_class(model_type: type) -> type[Stacked]:
 
 
 def stack(models: Sequence[nn.Module]) -> Stacked:
-    """The N models as one (module docstring). They must share a type, a configuration and parameter shapes."""
+    """The N models as one (module docstring). They must share a type, a configuration (but for the knobs they
+    read from buffers, :func:`stacking_key`) and parameter shapes."""
     if not models:
         raise ValueError("stack needs at least one model")
     base = models[0]
-    shapes = _shapes(base)
+    key, shapes = stacking_key(base), _shapes(base)
     for model in models[1:]:
-        if type(model) is not type(base) or model.config != base.config or _shapes(model) != shapes:
-            raise ValueError("stacked models must share a type, a configuration and parameter shapes")
+        if stacking_key(model) != key or _shapes(model) != shapes:
+            raise ValueError("stacked models must share a type, a configuration (but for the knobs they declare in "
+                             "stacked_knobs) and parameter shapes")
     return _stacked_class(type(base))(models)
+
+
+def stacking_key(model: nn.Module) -> tuple:
+    """What models must share to be stacked: their type and configuration, less the knobs they read from buffers
+    (:class:`~ep_core.protocols.StacksKnobs`), of which only whether each is zero."""
+    knobs = type(model).stacked_knobs if isinstance(model, StacksKnobs) else ()
+    config = model.config
+    return (type(model), tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+                               if f.name not in knobs),
+            tuple(getattr(config, knob) == 0 for knob in knobs))
+
+
+KNOB = "knob_"
+"""The prefix of the buffers that hold a model's stacked knobs (:func:`register_knobs`)."""
+
+
+def register_knobs(model: nn.Module) -> None:
+    """A buffer ``knob_<name>`` for each of the model's ``stacked_knobs``, made from its configuration: float64, so
+    that a model moved to float64 holds the value exactly, and not saved with the parameters (the configuration
+    is)."""
+    for name in type(model).stacked_knobs:
+        model.register_buffer(KNOB + name, torch.tensor(float(getattr(model.config, name)), dtype=torch.float64),
+                              persistent=False)
+
+
+def knob(model: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor:
+    """The model's knob ``name`` (:func:`register_knobs`) in the dtype of ``like``: under a stack, its member's."""
+    return model.get_buffer(KNOB + name).to(like.dtype)
 
 
 def stackable(batches: Sequence[Batch]) -> bool:

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ep_core.batching import Stacked, member_residuals, split, stack, stackable
+from ep_core.batching import Stacked, member_residuals, split, stack, stackable, stacking_key
 from ep_core.protocols import Batch, Batchable, CachesParameterTerms, Capturable, GradientEstimate
 
 GRAPHS_PER_RUNNER = 8
@@ -73,9 +73,12 @@ def finite(flag: torch.Tensor) -> bool:
     recorded = _recorded.get()
     if recorded is None:
         return bool(torch.isfinite(flag))
-    check = torch.isfinite(flag.detach().reshape(()))
-    recorded[0] = check if recorded[0] is None else torch.logical_and(recorded[0], check)
+    _conjoin(recorded, torch.isfinite(flag.detach().reshape(())))
     return True
+
+
+def _conjoin(recorded: list[torch.Tensor | None], check: torch.Tensor) -> None:
+    recorded[0] = check if recorded[0] is None else torch.logical_and(recorded[0], check)
 
 
 class DeviceScalar:
@@ -218,10 +221,16 @@ class Runner:
         entry.graph.replay()
         if entry.all_finite is not None and not bool(entry.all_finite):
             # The eager runs retrace the replay step by step and raise the DivergenceError with its step.
-            return self._eager(batches, generators)
+            estimates = self._eager(batches, generators)
+            warnings.warn(f"{self._names()}: a replay found a non-finite value that the same estimates run eagerly "
+                          "did not; the eager results are returned", RuntimeWarning, stacklevel=2)
+            return estimates
         self.mode = "stacked" if entry.batched else "captured"
         self.peak_bytes = entry.peak_bytes
         return [_read_out(output) for output in entry.outputs]
+
+    def _names(self) -> str:
+        return ", ".join(dict.fromkeys(type(estimator).name for estimator, _ in self.members))
 
     def _eager(self, batches: list[Batch], generators: list[torch.Generator]) -> list[GradientEstimate]:
         self.mode = "eager"
@@ -239,13 +248,14 @@ class Runner:
 
     def batchable(self, batches: list[Batch]) -> bool:
         """Whether the members run as one stacked model (:mod:`ep_core.batching`): several of them, with one
-        estimator configuration and one model type and configuration, an estimator that declares it treats
+        estimator configuration and one model type and configuration (but for the knobs the model reads from
+        buffers, :func:`~ep_core.batching.stacking_key`), an estimator that declares it treats
         problems independently, and batches that stack."""
         if len(self.members) < 2:
             return False
         estimator, model = self.members[0]
-        kind = (type(estimator), estimator.config, type(model), model.config)
-        return (all((type(e), e.config, type(m), m.config) == kind for e, m in self.members)
+        kind = (type(estimator), estimator.config, stacking_key(model))
+        return (all((type(e), e.config, stacking_key(m)) == kind for e, m in self.members)
                 and isinstance(estimator, Batchable) and estimator.batchable(model) and stackable(batches))
 
     def _capture_fastest(self, batches: list[Batch], generators: list[torch.Generator]) -> _Graph | str:
@@ -261,8 +271,7 @@ class Runner:
         try:
             stacked = self._capture(batches, generators, as_stack=True)
         except Exception as error:  # noqa: BLE001 — a model vmap cannot run stacked runs side by side
-            names = ", ".join(dict.fromkeys(type(estimator).name for estimator, _ in self.members))
-            warnings.warn(f"{names}: could not run the problems stacked ({type(error).__name__}: {error}); "
+            warnings.warn(f"{self._names()}: could not run the problems stacked ({type(error).__name__}: {error}); "
                           "capturing them side by side", RuntimeWarning, stacklevel=3)
             stacked = "not stacked"
         recorded = [graph for graph in (stacked, self._capture(batches, generators, as_stack=False))
@@ -315,15 +324,14 @@ class Runner:
         try:
             with _recording() as flags, torch.cuda.graph(graph, stream=capture):
                 outputs = (self._record_stacked(stacked, inputs[0], generators[0]) if stacked is not None
-                           else self._record(inputs, generators, streams))
+                           else self._record(inputs, generators, streams, flags))
                 all_finite = flags[0]
         except Exception as error:  # noqa: BLE001 — any failure to record means: run this key eagerly
             torch.cuda.synchronize(device)
-            names = ", ".join(dict.fromkeys(type(estimator).name for estimator, _ in self.members))
             what, instead = (("the problems' stack", "capturing them side by side") if stacked is not None
                              else ("the estimate", "running it eagerly"))
-            warnings.warn(f"{names}: could not capture {what} as a CUDA graph ({type(error).__name__}: {error}); "
-                          f"{instead}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"{self._names()}: could not capture {what} as a CUDA graph "
+                          f"({type(error).__name__}: {error}); {instead}", RuntimeWarning, stacklevel=4)
             return f"{type(error).__name__}: {error}"
         finally:
             if collecting:
@@ -340,23 +348,29 @@ class Runner:
         residuals = member_residuals(stacked, batch, estimate.equilibrium.state)
         return split(estimate, [report(residual) for residual in residuals])
 
-
     def _record(self, inputs: list[Batch], generators: list[torch.Generator],
-                streams: list[torch.cuda.Stream]) -> list[GradientEstimate]:
+                streams: list[torch.cuda.Stream], flags: list[torch.Tensor | None]) -> list[GradientEstimate]:
         """The members' estimates, recorded on the capturing stream (one member) or forked from it, one stream
-        each, all forked before any is recorded and joined after, so that the graph has no edge between them."""
+        each, all forked before any is recorded and joined after, so that the graph has no edge between them;
+        each member's finiteness checks join ``flags`` (the capture's) once the streams are joined."""
         if len(self.members) == 1:
             (estimator, model), = self.members
             return [eager_estimate(estimator, model, inputs[0], generator=generators[0])]
         capturing_stream = torch.cuda.current_stream()
         for stream in streams:
             stream.wait_stream(capturing_stream)
-        outputs = []
+        outputs, checks = [], []
+        # Each member conjoins its finiteness checks on its own stream; one chain through all of them would have
+        # a member read the flag another stream writes, with no edge between them in the graph: a race.
         for (estimator, model), batch, gen, stream in zip(self.members, inputs, generators, streams):
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), _recording() as member_checks:
                 outputs.append(eager_estimate(estimator, model, batch, generator=gen))
+            checks.append(member_checks[0])
         for stream in streams:
             capturing_stream.wait_stream(stream)
+        for check in checks:
+            if check is not None:
+                _conjoin(flags, check)
         return outputs
 
 

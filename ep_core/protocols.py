@@ -231,6 +231,17 @@ class Batchable(Protocol):
 
 
 @runtime_checkable
+class StacksKnobs(Protocol):
+    """A model that reads the continuous knobs ``stacked_knobs`` (configuration fields) from buffers of its own,
+    made from its configuration, so that models differing only in those knobs run as one stacked model
+    (:mod:`ep_core.batching`), each member with its own values: a sweep's grid points over such a knob are measured
+    together like its seeds. Models stack only where each knob is zero in all of them or in none, since a model may
+    skip the work a zero knob multiplies (lm and cet skip the attention at s = 0)."""
+
+    stacked_knobs: ClassVar[tuple[str, ...]]
+
+
+@runtime_checkable
 class HasTrainingDefaults(Protocol):
     """A model with its own defaults for `epx train` (TrainConfig fields), applied under the user's settings."""
 

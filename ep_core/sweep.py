@@ -6,10 +6,10 @@ belongs to the model (``s``, ``T1``, ``eps``, ...) or to estimators (``beta``, `
 ambiguous and an error, as is a key nobody owns. Every value is validated before the first point runs.
 
 The output file holds the sweep's specification and one record per finished point. It is rewritten atomically
-after every point, so a sweep killed at any moment leaves a valid file; rerunning the same command with the
-same ``--out`` skips the points already there. A point whose relaxation diverges is recorded as failed, with
-its message, and the sweep goes on. Under torchrun the points are shared out among the processes (``run_sweep``'s
-``world``).
+after every point (on CUDA, after every group of points measured together, :func:`run_sweep`), so a sweep killed
+at any moment leaves a valid file; rerunning the same command with the same ``--out`` skips the points already
+there. A point whose relaxation diverges is recorded as failed, with its message, and the sweep goes on. Under
+torchrun the points are shared out among the processes (``run_sweep``'s ``world``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ep_core.config import ConfigError, suggest
 from ep_core.distributed import ONE_PROCESS, World
 from ep_core.errors import DistributedError, EpxError, ResumeError, UsageError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
+from ep_core.protocols import StacksKnobs
 from ep_core.seeding import check_seed
-from ep_core.session import model_data, run_comparisons
+from ep_core.session import model_data, run_problem_comparisons
 from ep_core.summary import mean_std
 
 FORMAT = "epx.sweep/1"
@@ -208,14 +211,27 @@ def _point_settings(spec: SweepSpec, axes: Sequence[Axis], point: Point) -> tupl
     return settings, model_settings
 
 
-def _units(points: Sequence[Point]) -> list[range]:
-    """The indices of each grid point's seeds (consecutive in ``points``): what runs together."""
-    units, start = [], 0
-    for index in range(1, len(points) + 1):
-        if index == len(points) or points[index].values != points[start].values:
-            units.append(range(start, index))
-            start = index
-    return units
+def _units(points: Sequence[Point], together: set[str]) -> list[list[int]]:
+    """The indices of the points that run together: each grid point's seeds, with those of the grid points that
+    differ from it only in the keys ``together``."""
+    units: dict[tuple, list[int]] = {}
+    for index, point in enumerate(points):
+        units.setdefault(tuple((k, v) for k, v in point.values.items() if k not in together), []).append(index)
+    return list(units.values())
+
+
+def _stacked_axes(axes: Sequence[Axis], model_class: type, device: str, eager: bool) -> set[str]:
+    """The keys of the axes whose grid points run together: the model's own knobs that it reads from buffers
+    (:class:`~ep_core.protocols.StacksKnobs`), and only on CUDA without ``eager``, where problems measured together
+    are one graph (stacked where the estimator allows it); elsewhere they would run one after the other anyway,
+    and a point at a time keeps the output file current."""
+    try:
+        on_cuda = torch.device(device).type == "cuda"
+    except (RuntimeError, ValueError):
+        return set()  # not a device: the first point's run says so, as without knobs
+    if eager or not on_cuda or not isinstance(model_class, StacksKnobs):
+        return set()
+    return {axis.key for axis in axes if axis.owners == ("model",) and axis.field in model_class.stacked_knobs}
 
 
 def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, data_dir: str | None = None,
@@ -231,8 +247,10 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     killed job loses at most the round in flight, and a rerun resumes with any number of processes. Every rank
     returns the whole sweep; records equal a one-process run's, timings and environment aside.
 
-    The seeds of one point are measured together (:func:`ep_core.session.run_comparisons`: on CUDA, one graph per
-    estimator that runs them side by side; ``eager``: no CUDA graphs), each with the numbers it has alone.
+    The seeds of one point are measured together (:func:`ep_core.session.run_problem_comparisons`: on CUDA, one
+    graph per estimator that runs them side by side or stacked; ``eager``: no CUDA graphs), each with the numbers it
+    has alone; on CUDA, so are the grid points that differ only in knobs the model stacks (lm's and cet's s and c,
+    :func:`_stacked_axes`), and ``out`` is written after each such group.
     ``on_point(index, total, point)`` is called before a point's pending seeds run on this rank (with the first of
     them), ``on_record(index, total, record, resumed)`` for each seed after its round, in grid order, with its record
     (``resumed``: it was already in ``out``)."""
@@ -265,12 +283,12 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     def measured(pending: list[Point]) -> list[dict[str, Any]]:
         """The records of one grid point's pending seeds, measured together; when the group fails, each seed
         alone, so that a seed's failure is its own record and the other seeds' results are kept."""
-        settings, model_settings = _point_settings(spec, axes, pending[0])
+        settings, _ = _point_settings(spec, axes, pending[0])
         try:
-            comparisons = run_comparisons(
+            comparisons = run_problem_comparisons(
                 registry, [spec.reference, *labels], spec.model, reference=spec.reference, settings=settings,
-                model_settings=model_settings, data=spec.data, batch_size=spec.batch_size,
-                seeds=[p.seed for p in pending], dtype=spec.dtype, device=device, repeats=spec.repeats,
+                problems=[(_point_settings(spec, axes, p)[1], p.seed) for p in pending], data=spec.data,
+                batch_size=spec.batch_size, dtype=spec.dtype, device=device, repeats=spec.repeats,
                 dataset=dataset, progress=progress, eager=eager)
         except (UsageError, DistributedError):
             raise  # not this point's failure: the options are wrong, or the job is ending
@@ -282,21 +300,21 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
         return [{"id": p.id, "values": p.values, "seed": p.seed, "status": "ok", "comparison": c.to_json()}
                 for p, c in zip(pending, comparisons)]
 
-    units = _units(points)
+    units = _units(points, _stacked_axes(axes, model_class, device, eager))
     pending_units = [k for k, unit in enumerate(units) if any(points[i].id not in done for i in unit)]
     fresh_ids: set[str] = set()
     reported = 0
 
-    def report(upto: int) -> None:
-        """Hand the records of units[reported:upto] to on_record and to the sweep, in grid order."""
+    def report() -> None:
+        """Hand the records of the points done so far, up to the first one not done, to on_record and to the
+        sweep, in grid order."""
         nonlocal reported
-        for unit in units[reported:upto]:
-            for i in unit:
-                record = done[points[i].id]
-                sweep.records.append(record)
-                if on_record:
-                    on_record(i, len(points), record, points[i].id not in fresh_ids)
-        reported = upto
+        while reported < len(points) and points[reported].id in done:
+            record = done[points[reported].id]
+            sweep.records.append(record)
+            if on_record:
+                on_record(reported, len(points), record, points[reported].id not in fresh_ids)
+            reported += 1
 
     for start in range(0, len(pending_units), world.size):
         round_units = pending_units[start:start + world.size]
@@ -312,8 +330,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
         if out and world.main:
             write_atomic(out, json.dumps({**sweep.to_json(), "records": [done[p.id] for p in points if p.id in done]},
                                          indent=1, allow_nan=False) + "\n")
-        report(round_units[-1] + 1)
-    report(len(units))
+        report()
+    report()
     return sweep
 
 

@@ -4,6 +4,8 @@ flat in T1; on the CPU the runner is the eager estimate itself. The CUDA tests a
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from epx_estimators.adjoint import Adjoint, AdjointConfig
@@ -142,6 +144,34 @@ def test_a_replay_that_diverges_reports_the_exact_step(label):
     with pytest.raises(DivergenceError) as info:
         runner(batch, generator=torch.Generator("cuda"))
     assert info.value.phase == "free" and info.value.step == _first_nonfinite_step(model, batch) < model.config.T1
+
+
+@cuda
+@pytest.mark.parametrize("label", ["ep", "bptt"])
+def test_problems_side_by_side_check_finiteness_each_on_its_own_stream(label):
+    """Eight problems on eight streams of one graph: no member reads a finiteness flag another stream writes (a
+    race that made replays look non-finite and run again eagerly), and a diverging member is still caught."""
+    pairs = [lm("cuda", gain_bound=None) for _ in range(8)]
+    models = [model for model, _ in pairs]
+    batches = [lm_batch(model, seed) for seed, model in enumerate(models)]
+    runner = Runner([(ESTIMATORS[label], model) for model in models], stacking=False)
+
+    def run():
+        return runner.run(batches, [torch.Generator("cuda") for _ in models])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        first = run()
+        for _ in range(10):
+            again = run()
+            assert runner.mode == "captured"
+            assert all(torch.equal(a.grads[n], b.grads[n]) for a, b in zip(first, again) for n in a.grads)
+    with torch.no_grad():
+        models[5].W_V.mul_(1e3)
+    for _ in range(3):
+        with pytest.raises(DivergenceError) as info:
+            run()
+        assert info.value.step == _first_nonfinite_step(models[5], batches[5])
 
 
 @cuda

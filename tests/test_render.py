@@ -133,6 +133,17 @@ def test_sweep_shows_seeds_and_lists_failures_whole(width):
     assert re.search(r"\b0\.1 1 relaxation diverged", plain) and re.search(r"\b5 0, 1 relaxation diverged", plain)
     assert text.count("UNMISTAKABLE-TAIL") == 2
     assert "seeds: succeeded/run" in text
+    assert "ms: median per gradient" in words(text)
+
+
+def test_a_sweep_says_when_its_ms_are_those_of_problems_measured_together():
+    payload, _ = sweep_payload()
+    for record in payload["records"]:
+        if record["status"] == "ok":
+            record["comparison"]["group"] = {"size": 6}
+    text = words(render(sweep_report(payload, summarize(payload), None), 200))
+    assert "ms: median of one run of all the problems measured together (6:" in text
+    assert "ms: median per gradient" not in text
 
 
 def test_stdout_width_follows_columns_then_the_pipe_default_and_wide(monkeypatch):

@@ -388,11 +388,17 @@ def sweep_report(data: dict[str, Any], rows: list[dict[str, Any]], group: str | 
     """What `epx sweep` prints: the table of points, the failed runs, and the legend."""
     keys = len(data["axes"]) + 1
     failures = failures_table(data, rows)
+    sizes = sorted({(record["comparison"].get("group") or {}).get("size", 1) for record in data["records"]
+                    if record["status"] == "ok"})
+    timing = "ms: median per gradient"
+    if sizes and sizes[-1] > 1:
+        timing = (f"ms: median of one run of all the problems measured together ({', '.join(map(str, sizes))}: a "
+                  "point's seeds, and on CUDA the points that differ only in knobs the model stacks)")
     return [Stacked(sweep_table(data, rows, group), keys=keys),
             *([Stacked(failures, keys=keys)] if failures else []),
             legend("seeds: succeeded/run; every number is the mean ± std over the seeds that succeeded",
                    f"cos: cosine to {data['spec']['reference']}'s gradient, of all parameters or of the group",
-                   "ms: median per gradient", f"residual: {data['spec']['reference']}'s free phase",
+                   timing, f"residual: {data['spec']['reference']}'s free phase",
                    "fp dist: largest relative distance between two estimators' free equilibria"),
             colour_legend(COSINE_COLOURS, "residual red and marked ! where the free phase did not converge (for "
                           "any seed)", "seeds yellow when some failed, red when all did")]

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ep_core.batching import knob, register_knobs
 from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, DataSpec, Dynamics, State
 from ep_core.relax import unrolled_loss
@@ -48,6 +49,8 @@ PROJECTIONS = "qkv_weight"
 """The batch entry that carries [W_Q|W_K|W_V]."""
 OUTPUT = "out_weight"
 """The batch entry that carries s·W_O."""
+DECAY = "decay"
+"""The batch entry that carries −(1 + s·c), the coefficient of z in the force."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class CET(nn.Module):
     data: ClassVar[DataSpec] = DataSpec(kind="images", shape=lambda cfg: (cfg.channels, cfg.image, cfg.image),
                                         datasets=("fashionmnist",), batch_size=32)
     state_names: ClassVar[tuple[str, ...]] = ("z", "y")
+    stacked_knobs: ClassVar[tuple[str, ...]] = ("s", "c")
 
     def __init__(self, config: CETConfig | None = None, *, generator: torch.Generator):
         super().__init__()
@@ -111,6 +115,7 @@ class CET(nn.Module):
         self.W_K = normal(cfg.dim, width, std=1 / math.sqrt(cfg.dim))
         self.W_V = normal(cfg.dim, width, std=1 / math.sqrt(cfg.dim))
         self.W_O = normal(width, cfg.dim, std=1 / math.sqrt(width))
+        register_knobs(self)
 
     @property
     def dynamics(self) -> Dynamics:
@@ -197,8 +202,11 @@ class CET(nn.Module):
         return {}
 
     def with_parameter_terms(self, batch: Batch) -> Batch:
-        """The batch carrying e, [W_Q|W_K|W_V] and s·W_O, computed once (with their graph under autograd)."""
-        return {**batch, ENCODING: self.encoding(batch), OUTPUT: self.config.s * self.W_O,
+        """The batch carrying e, [W_Q|W_K|W_V], s·W_O and −(1 + s·c), computed once (with their graph under
+        autograd); s and c are read from buffers, so that models differing in them stack
+        (:class:`~ep_core.protocols.StacksKnobs`)."""
+        s, c = knob(self, "s", self.W_O), knob(self, "c", self.W_O)
+        return {**batch, ENCODING: self.encoding(batch), OUTPUT: s * self.W_O, DECAY: -(1 + s * c),
                 PROJECTIONS: torch.cat([self.W_Q, self.W_K, self.W_V], dim=1)}
 
     def _terms(self, batch: Batch) -> Batch:
@@ -219,15 +227,14 @@ class CET(nn.Module):
 
     def force(self, state: State, batch: Batch) -> State:
         z, y = state
-        s, c = self.config.s, self.config.c
         terms = self._terms(batch)
         flat = z.reshape(-1, z.shape[-1])
         reconstruction_error = y - self._fold(torch.addmm(self.b_dec, flat, self.W_dec).view(
             z.shape[0], self.tokens, -1))
-        force_z = torch.add(terms[ENCODING], z, alpha=-(1 + s * c)).reshape(flat.shape)
+        force_z = torch.addcmul(terms[ENCODING], z, terms[DECAY]).reshape(flat.shape)
         force_z = torch.addmm(force_z, F.relu(flat @ self.memories.T), self.memories)
         force_z = torch.addmm(force_z, self._unfold(reconstruction_error).reshape(flat.shape[0], -1), self.W_dec.T)
-        if s:
+        if self.config.s:
             force_z = torch.addmm(force_z, self.mix(z, terms[PROJECTIONS]), terms[OUTPUT])
         return force_z.view_as(z), -reconstruction_error
 

@@ -29,7 +29,8 @@ Computed as F(z) = [x_in − (1 + s·c)·z] + mix(z)·(s·κ·W_O), mix(z) = sof
 [Q|K|V] = z·[W_Q|W_K|W_V]: the same function in five kernels (one projection, one fused attention, one copy out of
 the heads, the output product with the sum fused into it, one axpy). x_in, [W_Q|W_K|W_V] and s·κ·W_O are terms
 of the batch and the parameters alone, computed once per estimate (:meth:`LM.with_parameter_terms`): on a GPU a
-relaxation step costs about its number of kernels.
+relaxation step costs about its number of kernels. s and c are read from buffers (``knob_s``, ``knob_c``), so that
+models differing in them stack (:class:`~ep_core.protocols.StacksKnobs`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ep_core.batching import knob, register_knobs
 from ep_core.config import Config, ConfigError, option
 from ep_core.protocols import Batch, DataSpec, Dynamics, State
 from ep_core.relax import unrolled_loss
@@ -55,6 +57,8 @@ PROJECTIONS = "qkv_weight"
 """The batch entry that carries [W_Q|W_K|W_V] (C × 3C)."""
 OUTPUT = "out_weight"
 """The batch entry that carries s·κ·W_O, the output projection with the attention's scale and gain."""
+DECAY = "decay"
+"""The batch entry that carries −(1 + s·c), the coefficient of z in the force."""
 GAIN_DIRECTION = "gain_direction"
 """The batch entry that carries u, from which a captured estimate computes κ (:meth:`LM.parameter_term_inputs`)."""
 READOUT_NORM_EPS = 1e-8
@@ -91,6 +95,7 @@ class LM(nn.Module):
     data: ClassVar[DataSpec] = DataSpec(kind="text", shape=lambda cfg: (cfg.context,), datasets=("shakespeare",),
                                         batch_size=16, from_data=lambda dataset: {"vocab": dataset.vocab_size})
     state_names: ClassVar[tuple[str, ...]] = ("z",)
+    stacked_knobs: ClassVar[tuple[str, ...]] = ("s", "c")
 
     def __init__(self, config: LMConfig | None = None, *, generator: torch.Generator):
         super().__init__()
@@ -114,6 +119,7 @@ class LM(nn.Module):
         self.W_V = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
         self.W_O = nn.Parameter(normal(cfg.width, cfg.width, std=1 / math.sqrt(cfg.width)))
         self.W_head = nn.Parameter(normal(cfg.width, cfg.vocab, std=1 / math.sqrt(cfg.width)))
+        register_knobs(self)
         self._gain_cache: tuple[tuple, torch.Tensor] | None = None
         self._direction_cache: tuple[tuple, torch.Tensor] | None = None
 
@@ -147,17 +153,21 @@ class LM(nn.Module):
         return {GAIN_DIRECTION: self.top_direction()} if self.bounded else {}
 
     def with_parameter_terms(self, batch: Batch) -> Batch:
-        """The batch carrying x_in, [W_Q|W_K|W_V], κ and s·κ·W_O, computed once for a whole estimate or unrolled
-        free phase (with their graph under autograd) instead of at every step; κ from the batch's u when it
-        carries one."""
+        """The batch carrying x_in, [W_Q|W_K|W_V], κ, s·κ·W_O and −(1 + s·c), computed once for a whole estimate
+        or unrolled free phase (with their graph under autograd) instead of at every step; κ from the batch's u
+        when it carries one."""
         if self.bounded:
             direction = batch.get(GAIN_DIRECTION)
             gain = self.gain_scale() if direction is None else self._gain_scale(direction)
         else:
             gain = torch.ones((), dtype=self.W_O.dtype, device=self.W_O.device)
+        s, c = self._knobs()
         return {**batch, INPUT: self.embed(batch), GAIN: gain,
                 PROJECTIONS: torch.cat([self.W_Q, self.W_K, self.W_V], dim=1),
-                OUTPUT: (self.config.s * gain) * self.W_O}
+                OUTPUT: (s * gain) * self.W_O, DECAY: -(1 + s * c)}
+
+    def _knobs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return knob(self, "s", self.W_O), knob(self, "c", self.W_O)
 
     def _terms(self, batch: Batch) -> Batch:
         return batch if OUTPUT in batch else self.with_parameter_terms(batch)
@@ -232,11 +242,11 @@ class LM(nn.Module):
             return torch.linalg.eigh(0.5 * (value_output + value_output.T))[1][:, -1].contiguous()
 
     def _gain_scale(self, direction: torch.Tensor | None = None) -> torch.Tensor:
-        cfg = self.config
         u = self.top_direction() if direction is None else direction
         value_output = self.W_V @ self.W_O
         top = u @ value_output @ u
-        limit = cfg.gain_bound * (1 + cfg.s * cfg.c) / cfg.s
+        s, c = self._knobs()
+        limit = self.config.gain_bound * (1 + s * c) / s
         return torch.clamp(limit / top.clamp_min(torch.finfo(top.dtype).tiny), max=1.0)
 
     def logits(self, state: State) -> torch.Tensor:
@@ -250,10 +260,9 @@ class LM(nn.Module):
 
     def force(self, state: State, batch: Batch) -> State:
         (z,) = state
-        s, c = self.config.s, self.config.c
         terms = self._terms(batch)
-        linear = torch.add(terms[INPUT], z, alpha=-(1 + s * c))
-        if not s:
+        linear = torch.addcmul(terms[INPUT], z, terms[DECAY])
+        if not self.config.s:
             return (linear,)
         return (torch.addmm(linear.reshape(-1, z.shape[-1]), self.mix(z, terms[PROJECTIONS]),
                             terms[OUTPUT]).view_as(z),)

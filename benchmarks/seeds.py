@@ -1,15 +1,16 @@
 """Problems measured together: `compare --seeds N` against `--seeds 1`, stacked (ep_core.batching) and not, in one run.
 
     python benchmarks/seeds.py --device cuda [--seeds 8] [--repeats 10] [--set aep.clip=1 ...] [--out FILE]
-    python benchmarks/seeds.py --device cuda --vary s=0.25,0.5,1,2 [--out FILE]
+    python benchmarks/seeds.py --device cuda --vary s=0.25,0.5,1,2 [--out FILE]      (or --vary beta=...)
 
 For each estimator of ep, aep and bptt (the reference) on lm's defaults, seed 0 upwards (with ``--vary``: seed 0
-at each value of a knob lm stacks, s or c, the grid points of a sweep over it): the median ms of one timed run of
-all N problems together (the harness's timing of a group, what `compare --seeds N` reports), with N = 1 (the
-first problem alone) and N problems; the group as the runner chooses it (the faster of the stacked graph and the
-graph with one stream per problem), stacked (ep_core.batching) and side by side; and each problem's cosine and
-relative error against those of its own separate run, in all three. Then, for seeds, the wall time of the whole
-`epx compare ep aep bptt --model lm --seeds N` command against `--seeds 1`, each run twice in turn.
+at each value of a knob that stacks, lm's s or c or the estimators' β, the grid points of a sweep over it): the
+median ms of one timed run of all N problems together (the harness's timing of a group, what `compare --seeds N`
+reports), with N = 1 (the first problem alone) and N problems; the group as the runner chooses it (the faster of
+the stacked graph and the graph with one stream per problem), stacked (ep_core.batching) and side by side; and
+each problem's cosine and relative error against those of its own separate run, in all three. Then, for seeds,
+the wall time of the whole `epx compare ep aep bptt --model lm --seeds N` command against `--seeds 1`, each run
+twice in turn.
 
 Exit 3 unless every chosen group's time is at most 2× its N = 1 time and every per-problem number equals the
 separate run's to 1e-5.
@@ -18,6 +19,7 @@ separate run's to 1e-5.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -26,6 +28,7 @@ import sys
 import time
 from ep_core.files import write_atomic
 from ep_core.harness import environment
+from ep_core.models.lm import LMConfig
 from ep_core.plugins import load
 from ep_core.session import parse_settings, run_problem_comparisons
 from ep_core.sweep import parse_vary
@@ -58,7 +61,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--vary", help="KEY=v1,v2,...: seed 0 at each value of a knob lm stacks, not N seeds")
+    parser.add_argument("--vary", help="KEY=v1,v2,...: seed 0 at each value of a knob that stacks (lm's s or c, "
+                                       "the estimators' beta), not N seeds")
     parser.add_argument("--set", dest="settings", action="append", default=[])
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -66,13 +70,15 @@ def main() -> int:
     settings = parse_settings(args.settings, "--set")
     if args.vary:
         key, values = parse_vary(args.vary)
-        problems = [({key: value}, 0) for value in values]
+        on_model = key in {f.name for f in dataclasses.fields(LMConfig)}
+        problems = [({}, {key: value}, 0) if on_model else ({key: value}, {}, 0) for value in values]
     else:
-        problems = [({}, seed) for seed in range(args.seeds)]
+        problems = [({}, {}, seed) for seed in range(args.seeds)]
     n = len(problems)
 
     def run(group, **options):
-        return run_problem_comparisons(registry, [REFERENCE, *ESTIMATORS], "lm", problems=group, settings=settings,
+        return run_problem_comparisons(registry, [REFERENCE, *ESTIMATORS], "lm",
+                                       problems=[({**settings, **mine}, model, seed) for mine, model, seed in group],
                                        device=args.device, repeats=args.repeats, **options)
 
     one = run(problems[:1])

@@ -4,17 +4,21 @@
 length N, and whose methods are the members' own, vectorised over that axis (``torch.func.vmap`` of
 ``torch.func.functional_call``):
 
-    F(x; θ)[i] = F(x[i]; θ_i, batch[i]),   init_state and Π likewise,   C(x; θ) = Σ_i C(x[i]; θ_i, batch[i]).
+    F(x; θ)[i] = F(x[i]; θ_i, batch[i]),   init_state and Π likewise,   C(x; θ) = Σ_i w_i C(x[i]; θ_i, batch[i]),
 
-The cost is a sum of the members' costs, so ∇ₓC[i] = ∇ₓC_i and ∂C/∂θ_i = ∂C_i/∂θ_i: an estimator that treats
+w_i = 1 but where the members' estimators differ in their nudge (below).
+
+The cost is a sum of the members' costs, so ∇ₓC[i] = w_i∇ₓC_i and ∂C/∂θ_i = w_i∂C_i/∂θ_i: an estimator that treats
 problems independently (:class:`~ep_core.protocols.Batchable`: no reduction over the whole state but the
 model's cost, no random draws) computes on the stack the N members' own estimates, in relaxations whose every
 kernel does the work of N. On a GPU a small problem's step costs about its kernel launches, so N problems cost
 little more than one (:class:`ep_core.capture.Runner` records the stack's estimate as one CUDA graph).
 
 Members may differ in the continuous knobs their model reads from buffers (:class:`~ep_core.protocols.StacksKnobs`:
-lm's and cet's attention scale s and damping c), which are stacked like any buffer: the grid points of a sweep
-over s run as one relaxation.
+lm's and cet's attention scale s and damping c), which are stacked like any buffer, and in the nudge strength β of
+an estimator that declares it (:class:`~ep_core.protocols.StacksNudge`): the stack runs at β₀ with member i's cost
+weighted by w_i = β_i/β₀, which nudges member i by β_i, and member i's estimate is divided by w_i
+(:func:`nudge_weights`, :func:`split`). A sweep's grid points over s, c or β run as one relaxation.
 
 The one number of an estimate that reduces over the whole state, the free phase's residual ||G(x*) − x*|| / ||x*||,
 is recomputed per member (:func:`member_residuals`); :func:`split` gives back the N members' estimates.
@@ -34,7 +38,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, Equilibrium, GradientEstimate,
-                               State, StacksKnobs)
+                               State, StacksKnobs, StacksNudge)
 
 PROBLEMS = "problems"
 """The stack's submodule holding the stacked parameters and buffers: its names are the members' under this prefix."""
@@ -44,7 +48,7 @@ class Stacked(nn.Module):
     """N models of one type and configuration as one (module docstring). Built by :func:`stack`. ``config`` is the
     first member's: the members' knobs (:class:`~ep_core.protocols.StacksKnobs`) are in the stacked buffers."""
 
-    def __init__(self, models: Sequence[nn.Module]):
+    def __init__(self, models: Sequence[nn.Module], cost_weights: Sequence[float] | None = None):
         super().__init__()
         base = models[0]
         self.problems = copy.deepcopy(base)
@@ -59,6 +63,13 @@ class Stacked(nn.Module):
         self.members = list(models)
         self.config = base.config
         self.data = base.data
+        self.cost_weights = None if cost_weights is None else list(cost_weights)
+        """w_i, member i's cost weight (None: all 1), for members whose estimators differ in their nudge
+        (:class:`~ep_core.protocols.StacksNudge`)."""
+        # Made here, not in cost(): a tensor made from Python numbers inside a CUDA graph capture is a host copy.
+        reference = next(base.parameters())
+        self._weights = None if cost_weights is None else torch.tensor(
+            list(cost_weights), dtype=reference.dtype, device=reference.device)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -124,10 +135,13 @@ class Stacked(nn.Module):
         return self._each(lambda model, x: model.project(x), state)
 
     def cost(self, state: State, batch: Batch) -> torch.Tensor:
-        return self._each(lambda model, x, b: model.cost(x, b), state, batch).sum()
+        return self._weighted(self._each(lambda model, x, b: model.cost(x, b), state, batch))
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return self._each(lambda model, b: model.loss(b), batch).sum()
+        return self._weighted(self._each(lambda model, b: model.loss(b), batch))
+
+    def _weighted(self, costs: torch.Tensor) -> torch.Tensor:
+        return costs.sum() if self._weights is None else (costs * self._weights).sum()
 
 
 class _Nonconservative:
@@ -155,9 +169,10 @@ def _stacked_class(model_type: type) -> type[Stacked]:
     return type(f"Stacked{model_type.__name__}", (*mixins, Stacked), {})
 
 
-def stack(models: Sequence[nn.Module]) -> Stacked:
+def stack(models: Sequence[nn.Module], cost_weights: Sequence[float] | None = None) -> Stacked:
     """The N models as one (module docstring). They must share a type, a configuration (but for the knobs they
-    read from buffers, :func:`stacking_key`) and parameter shapes."""
+    read from buffers, :func:`stacking_key`) and parameter shapes. ``cost_weights`` (:func:`nudge_weights`)
+    weight the members' costs."""
     if not models:
         raise ValueError("stack needs at least one model")
     base = models[0]
@@ -166,7 +181,9 @@ def stack(models: Sequence[nn.Module]) -> Stacked:
         if stacking_key(model) != key or _shapes(model) != shapes:
             raise ValueError("stacked models must share a type, a configuration (but for the knobs they declare in "
                              "stacked_knobs) and parameter shapes")
-    return _stacked_class(type(base))(models)
+    if cost_weights is not None and len(cost_weights) != len(models):
+        raise ValueError(f"{len(models)} models need as many cost weights, got {len(cost_weights)}")
+    return _stacked_class(type(base))(models, cost_weights)
 
 
 def stacking_key(model: nn.Module) -> tuple:
@@ -195,6 +212,26 @@ def register_knobs(model: nn.Module) -> None:
 def knob(model: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor:
     """The model's knob ``name`` (:func:`register_knobs`) in the dtype of ``like``: under a stack, its member's."""
     return model.get_buffer(KNOB + name).to(like.dtype)
+
+
+def estimator_key(estimator: Any) -> tuple:
+    """What the estimators of stacked problems must share: their type and configuration, less the nudge strength
+    of an estimator that stacks it (:class:`~ep_core.protocols.StacksNudge`)."""
+    nudge = type(estimator).nudge_field if isinstance(estimator, StacksNudge) else None
+    config = estimator.config
+    return (type(estimator), tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+                                   if f.name != nudge))
+
+
+def nudge_weights(estimators: Sequence[Any]) -> list[float] | None:
+    """w_i = β_i / β₀ for estimators that differ only in their nudge (:class:`~ep_core.protocols.StacksNudge`),
+    the stack running at the first one's β₀; None when they share it."""
+    first = estimators[0]
+    if not isinstance(first, StacksNudge):
+        return None
+    field = type(first).nudge_field
+    nudges = [getattr(estimator.config, field) for estimator in estimators]
+    return None if len(set(nudges)) == 1 else [nudge / nudges[0] for nudge in nudges]
 
 
 def stackable(batches: Sequence[Batch]) -> bool:
@@ -227,11 +264,15 @@ def member_residuals(model: Stacked, batch: Batch, state: State) -> torch.Tensor
         return squares(tuple(m - x for m, x in zip(moved, state))).sqrt() / size
 
 
-def split(estimate: GradientEstimate, residuals: Sequence[Any]) -> list[GradientEstimate]:
-    """The members' estimates from the stack's, with their own free-phase residuals."""
+def split(estimate: GradientEstimate, residuals: Sequence[Any],
+          cost_weights: Sequence[float] | None = None) -> list[GradientEstimate]:
+    """The members' estimates from the stack's, with their own free-phase residuals; with ``cost_weights`` (the
+    stack's), member i's divided by w_i (:class:`~ep_core.protocols.StacksNudge`)."""
     estimates = []
     for i, residual in enumerate(residuals):
         grads = {name.removeprefix(PROBLEMS + "."): g[i] for name, g in estimate.grads.items()}
+        if cost_weights is not None:
+            grads = {name: g / cost_weights[i] for name, g in grads.items()}
         found = estimate.equilibrium
         equilibrium = None if found is None else Equilibrium(state=tuple(t[i] for t in found.state),
                                                              residual=residual, steps=found.steps)

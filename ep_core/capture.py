@@ -50,7 +50,8 @@ from typing import Any
 
 import torch
 
-from ep_core.batching import Stacked, member_residuals, split, stack, stackable, stacking_key
+from ep_core.batching import (Stacked, estimator_key, member_residuals, nudge_weights, split, stack, stackable,
+                              stacking_key)
 from ep_core.protocols import Batch, Batchable, CachesParameterTerms, Capturable, GradientEstimate
 
 GRAPHS_PER_RUNNER = 8
@@ -248,14 +249,15 @@ class Runner:
 
     def batchable(self, batches: list[Batch]) -> bool:
         """Whether the members run as one stacked model (:mod:`ep_core.batching`): several of them, with one
-        estimator configuration and one model type and configuration (but for the knobs the model reads from
-        buffers, :func:`~ep_core.batching.stacking_key`), an estimator that declares it treats
+        estimator configuration (but for a nudge it stacks, :func:`~ep_core.batching.estimator_key`) and one model
+        type and configuration (but for the knobs the model reads from buffers,
+        :func:`~ep_core.batching.stacking_key`), an estimator that declares it treats
         problems independently, and batches that stack."""
         if len(self.members) < 2:
             return False
         estimator, model = self.members[0]
-        kind = (type(estimator), estimator.config, stacking_key(model))
-        return (all((type(e), e.config, stacking_key(m)) == kind for e, m in self.members)
+        kind = (estimator_key(estimator), stacking_key(model))
+        return (all((estimator_key(e), stacking_key(m)) == kind for e, m in self.members)
                 and isinstance(estimator, Batchable) and estimator.batchable(model) and stackable(batches))
 
     def _capture_fastest(self, batches: list[Batch], generators: list[torch.Generator]) -> _Graph | str:
@@ -283,7 +285,9 @@ class Runner:
     def _capture(self, batches: list[Batch], generators: list[torch.Generator], *,
                  as_stack: bool) -> _Graph | str:
         device = next(self.members[0][1].parameters()).device
-        stacked = stack([model for _, model in self.members]) if as_stack else None
+        stacked = (stack([model for _, model in self.members],
+                         cost_weights=nudge_weights([estimator for estimator, _ in self.members]))
+                   if as_stack else None)
         if stacked is not None:
             inputs = [stacked.batch(batches)]
 
@@ -344,9 +348,9 @@ class Runner:
         """The members' estimates as one estimate of their stack, with each member's own free-phase residual."""
         estimate = eager_estimate(self.members[0][0], stacked, batch, generator=generator)
         if estimate.equilibrium is None:
-            return split(estimate, [None] * len(stacked))
+            return split(estimate, [None] * len(stacked), stacked.cost_weights)
         residuals = member_residuals(stacked, batch, estimate.equilibrium.state)
-        return split(estimate, [report(residual) for residual in residuals])
+        return split(estimate, [report(residual) for residual in residuals], stacked.cost_weights)
 
     def _record(self, inputs: list[Batch], generators: list[torch.Generator],
                 streams: list[torch.cuda.Stream], flags: list[torch.Tensor | None]) -> list[GradientEstimate]:

@@ -231,6 +231,17 @@ class Batchable(Protocol):
 
 
 @runtime_checkable
+class StacksNudge(Protocol):
+    """A :class:`Batchable` estimator whose nudge strength (the configuration field ``nudge_field``, β) enters
+    only as β·C in the nudged dynamics and as the 1/β of the contrast, with the rest of the estimate linear in the
+    cost: on a model whose cost is w·C its estimate at β is w times its estimate at w·β. Problems that differ only
+    in β then stack (:mod:`ep_core.batching`): the stack runs at the first member's β₀, member i's cost weighted
+    by w_i = β_i/β₀, and member i's estimate divided by w_i."""
+
+    nudge_field: ClassVar[str]
+
+
+@runtime_checkable
 class StacksKnobs(Protocol):
     """A model that reads the continuous knobs ``stacked_knobs`` (configuration fields) from buffers of its own,
     made from its configuration, so that models differing only in those knobs run as one stacked model

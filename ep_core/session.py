@@ -404,30 +404,31 @@ def run_comparisons(registry: Registry, estimators: Sequence[str], model_name: s
     those of a run with that seed alone."""
     if not seeds:
         raise ConfigError("seeds", "give at least one seed")
-    return run_problem_comparisons(registry, estimators, model_name, problems=[(model_settings or {}, seed)
-                                                                               for seed in seeds],
-                                   reference=reference, settings=settings, data=data, data_dir=data_dir,
+    return run_problem_comparisons(registry, estimators, model_name,
+                                   problems=[(settings or {}, model_settings or {}, seed) for seed in seeds],
+                                   reference=reference, data=data, data_dir=data_dir,
                                    batch_size=batch_size, dtype=dtype, device=device, repeats=repeats,
                                    download=download, warn=warn, progress=progress, dataset=dataset, eager=eager,
                                    stacking=stacking)
 
 
 def run_problem_comparisons(registry: Registry, estimators: Sequence[str], model_name: str, *,
-                            problems: Sequence[tuple[Mapping[str, str], int]], reference: str = "bptt",
-                            settings: Mapping[str, str] | None = None, data: str = "auto",
+                            problems: Sequence[tuple[Mapping[str, str], Mapping[str, str], int]],
+                            reference: str = "bptt", data: str = "auto",
                             data_dir: str | None = None, batch_size: int | None = None, dtype: str = "float32",
                             device: str = "cpu", repeats: int = 3, download: bool = True,
                             warn: Callable[[str], None] | None = None, progress: Progress | None = None,
                             dataset: Any | None = None, eager: bool = False,
                             stacking: bool | None = None) -> list[Comparison]:
-    """:func:`run_comparisons` over (model settings, seed) ``problems``: a sweep's grid points and their seeds,
-    with one set of estimator ``settings``, measured together. Models that differ only in knobs they read from
-    buffers (:class:`~ep_core.protocols.StacksKnobs`, lm's and cet's s and c) can run stacked."""
+    """:func:`run_comparisons` over (estimator settings, model settings, seed) ``problems``: a sweep's grid points
+    and their seeds, measured together. Problems that differ only in knobs the model reads from buffers
+    (:class:`~ep_core.protocols.StacksKnobs`, lm's and cet's s and c) or in a nudge the estimator stacks
+    (:class:`~ep_core.protocols.StacksNudge`, ep's and aep's β) can run stacked."""
     if not problems:
         raise ConfigError("seeds", "give at least one seed")
     labels = [label for label in dict.fromkeys(estimators) if label != reference]
     cases = []
-    for model_settings, seed in problems:
+    for settings, model_settings, seed in problems:
         problem = build_problem(registry, model_name, [reference, *labels], settings=settings,
                                 model_settings=model_settings, data=data, data_dir=data_dir, download=download,
                                 warn=warn, batch_size=batch_size, seed=seed, dtype=dtype, device=device,

@@ -29,7 +29,7 @@ from ep_core.errors import DistributedError, EpxError, ResumeError, UsageError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
-from ep_core.protocols import StacksKnobs
+from ep_core.protocols import StacksKnobs, StacksNudge
 from ep_core.seeding import check_seed
 from ep_core.session import model_data, run_problem_comparisons
 from ep_core.summary import mean_std
@@ -220,18 +220,27 @@ def _units(points: Sequence[Point], together: set[str]) -> list[list[int]]:
     return list(units.values())
 
 
-def _stacked_axes(axes: Sequence[Axis], model_class: type, device: str, eager: bool) -> set[str]:
+def _stacked_axes(axes: Sequence[Axis], model_class: type, estimator_classes: Mapping[str, type], device: str,
+                  eager: bool) -> set[str]:
     """The keys of the axes whose grid points run together: the model's own knobs that it reads from buffers
-    (:class:`~ep_core.protocols.StacksKnobs`), and only on CUDA without ``eager``, where problems measured together
+    (:class:`~ep_core.protocols.StacksKnobs`) and a nudge that every estimator owning it stacks
+    (:class:`~ep_core.protocols.StacksNudge`), and only on CUDA without ``eager``, where problems measured together
     are one graph (stacked where the estimator allows it); elsewhere they would run one after the other anyway,
     and a point at a time keeps the output file current."""
     try:
         on_cuda = torch.device(device).type == "cuda"
     except (RuntimeError, ValueError):
         return set()  # not a device: the first point's run says so, as without knobs
-    if eager or not on_cuda or not isinstance(model_class, StacksKnobs):
+    if eager or not on_cuda:
         return set()
-    return {axis.key for axis in axes if axis.owners == ("model",) and axis.field in model_class.stacked_knobs}
+    knobs = model_class.stacked_knobs if isinstance(model_class, StacksKnobs) else ()
+
+    def stacks(owner: str, field: str) -> bool:
+        if owner == "model":
+            return field in knobs
+        estimator = estimator_classes[owner]
+        return isinstance(estimator, StacksNudge) and estimator.nudge_field == field
+    return {axis.key for axis in axes if all(stacks(owner, axis.field) for owner in axis.owners)}
 
 
 def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, data_dir: str | None = None,
@@ -249,8 +258,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
 
     The seeds of one point are measured together (:func:`ep_core.session.run_problem_comparisons`: on CUDA, one
     graph per estimator that runs them side by side or stacked; ``eager``: no CUDA graphs), each with the numbers it
-    has alone; on CUDA, so are the grid points that differ only in knobs the model stacks (lm's and cet's s and c,
-    :func:`_stacked_axes`), and ``out`` is written after each such group.
+    has alone; on CUDA, so are the grid points that differ only in knobs the model or the estimators stack (lm's
+    and cet's s and c, ep's and aep's β: :func:`_stacked_axes`), and ``out`` is written after each such group.
     ``on_point(index, total, point)`` is called before a point's pending seeds run on this rank (with the first of
     them), ``on_record(index, total, record, resumed)`` for each seed after its round, in grid order, with its record
     (``resumed``: it was already in ``out``)."""
@@ -283,11 +292,10 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     def measured(pending: list[Point]) -> list[dict[str, Any]]:
         """The records of one grid point's pending seeds, measured together; when the group fails, each seed
         alone, so that a seed's failure is its own record and the other seeds' results are kept."""
-        settings, _ = _point_settings(spec, axes, pending[0])
         try:
             comparisons = run_problem_comparisons(
-                registry, [spec.reference, *labels], spec.model, reference=spec.reference, settings=settings,
-                problems=[(_point_settings(spec, axes, p)[1], p.seed) for p in pending], data=spec.data,
+                registry, [spec.reference, *labels], spec.model, reference=spec.reference,
+                problems=[(*_point_settings(spec, axes, p), p.seed) for p in pending], data=spec.data,
                 batch_size=spec.batch_size, dtype=spec.dtype, device=device, repeats=spec.repeats,
                 dataset=dataset, progress=progress, eager=eager)
         except (UsageError, DistributedError):
@@ -300,7 +308,7 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
         return [{"id": p.id, "values": p.values, "seed": p.seed, "status": "ok", "comparison": c.to_json()}
                 for p, c in zip(pending, comparisons)]
 
-    units = _units(points, _stacked_axes(axes, model_class, device, eager))
+    units = _units(points, _stacked_axes(axes, model_class, classes, device, eager))
     pending_units = [k for k, unit in enumerate(units) if any(points[i].id not in done for i in unit)]
     fresh_ids: set[str] = set()
     reported = 0

@@ -11,9 +11,9 @@ import pytest
 import torch
 from epx_estimators.adjoint import Adjoint
 from epx_estimators.aep import AEP, AEPConfig
-from epx_estimators.ep import EP
+from epx_estimators.ep import EP, EPConfig
 
-from ep_core.batching import member_residuals, split, stack, stack_batches
+from ep_core.batching import member_residuals, nudge_weights, split, stack, stack_batches
 from ep_core.bptt import BPTT
 from ep_core.capture import Runner, eager_estimate
 from ep_core.harness import gradient_metrics
@@ -110,6 +110,31 @@ def test_models_differing_in_their_knobs_stack_each_with_its_own_values(model_na
         assert largest_relative_difference(member, alone) <= 1e-8
     assert largest_relative_difference(members[0], members[2]) > 1e-2
     assert Runner([(estimator, model) for model in models]).batchable(batches)
+
+
+@pytest.mark.parametrize("model_name", ["lm", "toy"])
+@pytest.mark.parametrize("make", [lambda beta: EP(EPConfig(beta=beta)), lambda beta: AEP(AEPConfig(beta=beta)),
+                                  lambda beta: EP(EPConfig(beta=beta, centered=False))],
+                         ids=["ep", "aep", "ep-one-sided"])
+def test_estimators_differing_in_their_nudge_stack_each_at_its_own_beta(model_name, make):
+    """One seed at three β: the stack runs at β₀ with the costs weighted β_i/β₀, each estimate divided back."""
+    models, batches = problems(MODELS[model_name], seeds=(0, 0, 1))
+    betas = (0.02, 0.005, 0.05)
+    estimators = [make(beta) for beta in betas]
+    weights = nudge_weights(estimators)
+    assert weights == pytest.approx([1.0, 0.25, 2.5])
+    stacked = stack(models, cost_weights=weights)
+    joint = eager_estimate(estimators[0], stacked, stacked.batch(batches), generator=torch.Generator())
+    members = split(joint, [None] * 3, stacked.cost_weights)
+    for member, estimator, model, batch in zip(members, estimators, models, batches):
+        alone = eager_estimate(estimator, model, batch, generator=torch.Generator())
+        assert largest_relative_difference(member, alone) <= 1e-8
+    assert largest_relative_difference(members[0], members[1]) > 1e-6          # same problem, another β
+    runner = Runner([(estimator, model) for estimator, model in zip(estimators, models)])
+    assert runner.batchable(batches)
+    assert not Runner([(EP(EPConfig(beta=0.02)), models[0]), (EP(EPConfig(beta=0.02, T2=5)), models[1])]).batchable(
+        batches[:2])
+    assert nudge_weights([BPTT(), BPTT()]) is None and nudge_weights(estimators[:1] * 2) is None
 
 
 def test_knobs_stack_only_where_they_agree_on_being_zero_and_are_held_exactly():

@@ -165,6 +165,8 @@ def test_check_passes_builtins_and_fails_a_broken_estimator(epx, monkeypatch):
     reports = {r["estimator"]: r for r in json.loads(ok.stdout)}
     adjoint = {r["name"]: r["status"] for r in reports["adjoint"]["results"]}
     assert adjoint.pop("state_round_trip") == adjoint.pop("declared_properties") == "skipped"  # none declared
+    assert adjoint.pop("stacked_problems") == "skipped"  # adjoint is not Batchable
+    assert {r["name"]: r["status"] for r in reports["bptt"]["results"]}["stacked_problems"] == "passed"
     assert set(adjoint.values()) == {"passed"}
     bptt = {r["name"]: r["status"] for r in reports["bptt"]["results"]}
     assert bptt["exact_limit"] == bptt["cost_scaling"] == "skipped" and bptt["deterministic"] == "passed"

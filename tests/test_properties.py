@@ -319,6 +319,37 @@ def test_a_pinned_suite_turns_newer_assertions_of_exact_limit_into_warnings():
     assert flipped.status == "failed" and "cosine -1.000000 < 0.999" in flipped.message
 
 
+class StateNormalisedEP(EP):
+    """ep whose gradient is divided by the norm of the whole free state: over a stack, of all the problems."""
+
+    def estimate(self, model, batch, *, generator) -> GradientEstimate:
+        estimate = super().estimate(model, batch, generator=generator)
+        size = torch.sqrt(sum(x.pow(2).sum() for x in estimate.equilibrium.state))
+        return replace(estimate, grads={name: g / size for name, g in estimate.grads.items()})
+
+
+class BetaScaledEP(EP):
+    """ep's gradient times β: it declares StacksNudge (EP does), yet is not w times itself at w·β for the cost w·C."""
+
+    def estimate(self, model, batch, *, generator) -> GradientEstimate:
+        estimate = super().estimate(model, batch, generator=generator)
+        return replace(estimate, grads={name: self.config.beta * g for name, g in estimate.grads.items()})
+
+
+@pytest.mark.parametrize("flawed, message", [
+    (StateNormalisedEP, r"problem \d's gradient of '\w+' differs from its own by .* the estimate mixes the problems"),
+    (BetaScaledEP, r"problem 2's gradient .* or does not scale with the nudge as StacksNudge says"),
+])
+def test_stacked_problems_catches_an_estimate_that_mixes_them_or_a_wrong_nudge(flawed, message):
+    report = check_estimator(flawed, examples=3, checks=["stacked_problems"], models=small_toys, shrink=False,
+                             raise_on_failure=False)
+    (result,) = report.results
+    assert result.status == "failed" and re.search(message, result.message), result.message
+    assert check_estimator(EP, examples=3, checks=["stacked_problems"], models=small_toys).passed
+    unstacked = check_estimator(Adjoint, examples=1, checks=["stacked_problems"]).results[0]
+    assert unstacked.status == "skipped" and "does not declare Batchable" in unstacked.message
+
+
 class ScaledAdjoint(Adjoint):
     """adjoint's gradient times ``factor``: the exact direction, the wrong size."""
 

@@ -79,29 +79,37 @@ def test_on_cuda_grid_points_differing_only_in_stacked_knobs_run_together():
     from ep_core.models.toy import Toy
     from ep_core.sweep import _stacked_axes, _units
 
-    axes = resolve_axes(["s=0.5,1", "beta=0.1,0.2", "T1=30,40"], LM, {"ep": EP, "aep": AEP})
-    assert _stacked_axes(axes, LM, "cuda", eager=False) == {"s"}                 # not beta (estimators'), not T1
-    assert _stacked_axes(axes, LM, "cuda:1", eager=True) == _stacked_axes(axes, LM, "cpu", eager=False) == set()
-    assert _stacked_axes(resolve_axes(["model.coupling=0.2,0.5"], Toy, {"ep": EP}), Toy, "cuda", eager=False) == set()
+    estimators = {"ep": EP, "aep": AEP}
+    axes = resolve_axes(["s=0.5,1", "beta=0.1,0.2", "T1=30,40", "T2=5,10"], LM, estimators)
+    assert _stacked_axes(axes, LM, estimators, "cuda", eager=False) == {"s", "beta"}      # not T1, not T2
+    assert (_stacked_axes(axes, LM, estimators, "cuda:1", eager=True)
+            == _stacked_axes(axes, LM, estimators, "cpu", eager=False) == set())
+    toy_axes = resolve_axes(["model.coupling=0.2,0.5"], Toy, {"ep": EP})
+    assert _stacked_axes(toy_axes, Toy, {"ep": EP}, "cuda", eager=False) == set()
+    from ep_core.bptt import BPTT
+    from epx_estimators.adjoint import Adjoint
+    mixed = {"ep": EP, "adjoint": Adjoint, "bptt": BPTT}
+    assert "T1" not in _stacked_axes(resolve_axes(["T1=30,40"], LM, mixed), LM, mixed, "cuda", eager=False)
     points = grid(axes, seeds=(0, 1))
-    units = _units(points, {"s"})
+    units = _units(points, {"s", "beta"})
     assert len(units) == 4 and sorted(i for unit in units for i in unit) == list(range(len(points)))
     for unit in units:
-        assert len(unit) == 4 and {points[i].values["s"] for i in unit} == {"0.5", "1"}
-        assert len({(points[i].values["beta"], points[i].values["T1"]) for i in unit}) == 1
-    assert [len(unit) for unit in _units(points, set())] == [2] * 8             # each point's seeds
+        assert len(unit) == 8 and {points[i].values["s"] for i in unit} == {"0.5", "1"}
+        assert len({(points[i].values["T1"], points[i].values["T2"]) for i in unit}) == 1
+    assert [len(unit) for unit in _units(points, set())] == [2] * 16            # each point's seeds
 
 
 def test_problems_at_different_knobs_measured_together_are_each_their_own_comparison():
     from ep_core.session import run_comparison, run_problem_comparisons
 
     registry = load()
-    problems = [({**SMALL_CET, "s": s}, seed) for s in ("0.5", "2") for seed in (0, 1)]
+    problems = [({"T2": "30", "beta": beta}, {**SMALL_CET, "s": s}, seed)
+                for s, beta in (("0.5", "0.02"), ("2", "0.01")) for seed in (0, 1)]
     together = run_problem_comparisons(registry, ["ep", "aep"], "cet", problems=problems, data="sample",
-                                       batch_size=4, settings={"T2": "30"}, repeats=1)
-    for (model_settings, seed), comparison in zip(problems, together):
+                                       batch_size=4, repeats=1)
+    for (settings, model_settings, seed), comparison in zip(problems, together):
         alone = run_comparison(registry, ["ep", "aep"], "cet", model_settings=model_settings, seed=seed,
-                               data="sample", batch_size=4, settings={"T2": "30"}, repeats=1)
+                               data="sample", batch_size=4, settings=settings, repeats=1)
         assert comparison.meta["group"]["size"] == 4 and comparison.meta["model"]["config"]["s"] == float(
             model_settings["s"])
         assert [r.metrics for r in comparison.results] == [r.metrics for r in alone.results]
@@ -109,15 +117,15 @@ def test_problems_at_different_knobs_measured_together_are_each_their_own_compar
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cuda_sweep_over_s_measures_its_grid_points_together_with_their_own_numbers():
-    spec = SweepSpec(estimators=("ep", "aep"), model="lm", vary=("s=0.25,0.5,1",), seeds=(0, 1), data="sample",
-                     batch_size=4, device="cuda", model_settings={"context": "12", "width": "16", "heads": "2",
-                                                                  "T1": "40"})
+def test_a_cuda_sweep_over_s_and_beta_measures_its_grid_points_together_with_their_own_numbers():
+    spec = SweepSpec(estimators=("ep", "aep"), model="lm", vary=("s=0.25,1", "beta=0.01,0.03"), seeds=(0, 1),
+                     data="sample", batch_size=4, device="cuda",
+                     model_settings={"context": "12", "width": "16", "heads": "2", "T1": "40"})
     together = run_sweep(load(), spec)
     apart = run_sweep(load(), spec, eager=True)
     for joint, alone in zip(together.records, apart.records):
         assert joint["id"] == alone["id"] and joint["status"] == alone["status"] == "ok"
-        assert joint["comparison"]["group"]["size"] == 6 and alone["comparison"]["group"]["size"] == 2
+        assert joint["comparison"]["group"]["size"] == 8 and alone["comparison"]["group"]["size"] == 2
         for mine, theirs in zip(joint["comparison"]["results"], alone["comparison"]["results"]):
             assert mine["execution"] in ("captured", "stacked") and theirs["execution"] == "eager"
             assert mine["metrics"]["cosine"] == pytest.approx(theirs["metrics"]["cosine"], abs=1e-5)

@@ -393,7 +393,7 @@ def sweep_report(data: dict[str, Any], rows: list[dict[str, Any]], group: str | 
     timing = "ms: median per gradient"
     if sizes and sizes[-1] > 1:
         timing = (f"ms: median of one run of all the problems measured together ({', '.join(map(str, sizes))}: a "
-                  "point's seeds, and on CUDA the points that differ only in knobs the model stacks)")
+                  "point's seeds, and on CUDA the points that differ only in knobs that stack)")
     return [Stacked(sweep_table(data, rows, group), keys=keys),
             *([Stacked(failures, keys=keys)] if failures else []),
             legend("seeds: succeeded/run; every number is the mean ± std over the seeds that succeeded",

@@ -65,6 +65,9 @@ class AEP:
     # κ = 1 sits on the boundary where the cap binds at the corrected fixed point (module docstring): measured on the
     # kit's toys, aep(clip=1) reaches a relative error of 0.20 at β = 1e-3, so the limit lifts the cap.
     limit_settings: ClassVar[dict] = {"beta": 1e-3, "T2": 100, "clip": None}
+    # β enters only as the nudge −β∇ₓC and the contrast's 1/β (the correction does not involve C), and ĝ is linear
+    # in a and C: problems that differ in β stack (protocols.StacksNudge), where they stack at all (no clip).
+    nudge_field: ClassVar[str] = "beta"
 
     def __init__(self, config: AEPConfig | None = None):
         self.config = config or AEPConfig()

@@ -40,6 +40,9 @@ class EP:
     requires: ClassVar[type] = EquilibriumModel
     exact_limit: ClassVar[str] = "conservative model (symmetric J), no projection, converged stable fixed point, β → 0"
     conformance_limit: ClassVar[str | None] = "conservative"
+    # β enters only as the nudge −β∇ₓC and the contrast's 1/β, and ĝ is linear in a and C: problems that differ in
+    # β stack (protocols.StacksNudge).
+    nudge_field: ClassVar[str] = "beta"
 
     def __init__(self, config: EPConfig | None = None):
         self.config = config or EPConfig()

@@ -4,7 +4,7 @@
     python benchmarks/seeds.py --device cuda --vary s=0.25,0.5,1,2 [--out FILE]      (or --vary beta=...)
 
 For each estimator of ep, aep and bptt (the reference) on lm's defaults, seed 0 upwards (with ``--vary``: seed 0
-at each value of a knob that stacks, lm's s or c or the estimators' β, the grid points of a sweep over it): the
+at each value of a knob that stacks, lm's s, c or ε or the estimators' β, the grid points of a sweep over it): the
 median ms of one timed run of all N problems together (the harness's timing of a group, what `compare --seeds N`
 reports), with N = 1 (the first problem alone) and N problems; the group as the runner chooses it (the faster of
 the stacked graph and the graph with one stream per problem), stacked (ep_core.batching) and side by side; and
@@ -61,8 +61,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--vary", help="KEY=v1,v2,...: seed 0 at each value of a knob that stacks (lm's s or c, "
-                                       "the estimators' beta), not N seeds")
+    parser.add_argument("--vary", help="KEY=v1,v2,...: seed 0 at each value of a knob that stacks (lm's s, c or "
+                                       "eps, the estimators' beta), not N seeds")
     parser.add_argument("--set", dest="settings", action="append", default=[])
     parser.add_argument("--out")
     args = parser.parse_args()

@@ -4,9 +4,9 @@
 length N, and whose methods are the members' own, vectorised over that axis (``torch.func.vmap`` of
 ``torch.func.functional_call``):
 
-    F(x; θ)[i] = F(x[i]; θ_i, batch[i]),   init_state and Π likewise,   C(x; θ) = Σ_i w_i C(x[i]; θ_i, batch[i]),
+    F(x; θ)[i] = v_i F(x[i]; θ_i, batch[i]),   init_state and Π likewise,   C(x; θ) = Σ_i w_i C(x[i]; θ_i, batch[i]),
 
-w_i = 1 but where the members' estimators differ in their nudge (below).
+v_i = w_i = 1 but where the members differ in their step size or their estimators in their nudge (below).
 
 The cost is a sum of the members' costs, so ∇ₓC[i] = w_i∇ₓC_i and ∂C/∂θ_i = w_i∂C_i/∂θ_i: an estimator that treats
 problems independently (:class:`~ep_core.protocols.Batchable`: no reduction over the whole state but the
@@ -17,8 +17,11 @@ little more than one (:class:`ep_core.capture.Runner` records the stack's estima
 Members may differ in the continuous knobs their model reads from buffers (:class:`~ep_core.protocols.StacksKnobs`:
 lm's and cet's attention scale s and damping c), which are stacked like any buffer, and in the nudge strength β of
 an estimator that declares it (:class:`~ep_core.protocols.StacksNudge`): the stack runs at β₀ with member i's cost
-weighted by w_i = β_i/β₀, which nudges member i by β_i, and member i's estimate is divided by w_i
-(:func:`nudge_weights`, :func:`split`). A sweep's grid points over s, c or β run as one relaxation.
+weighted by u_i = β_i/β₀ (:func:`nudge_ratios`), which nudges member i by β_i. Models that differ in their step
+size ε (:class:`~ep_core.protocols.StacksStepSize`) stack for an estimator whose estimate scales with the force
+(:class:`~ep_core.protocols.ForceHomogeneous`): the stack steps by ε₀ with member i's force and cost scaled by
+v_i = ε_i/ε₀, so member i moves by ε₀v_iF_i = ε_iF_i. Either way member i's estimate is w_i = u_i·v_i times its own
+and :func:`split` divides it back. A sweep's grid points over s, c, β or ε run as one relaxation.
 
 The one number of an estimate that reduces over the whole state, the free phase's residual ||G(x*) − x*|| / ||x*||,
 is recomputed per member (:func:`member_residuals`); :func:`split` gives back the N members' estimates.
@@ -37,18 +40,19 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, Equilibrium, GradientEstimate,
-                               State, StacksKnobs, StacksNudge)
+from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, Equilibrium, ForceHomogeneous,
+                               GradientEstimate, State, StacksKnobs, StacksNudge, StacksStepSize)
 
 PROBLEMS = "problems"
 """The stack's submodule holding the stacked parameters and buffers: its names are the members' under this prefix."""
 
 
 class Stacked(nn.Module):
-    """N models of one type and configuration as one (module docstring). Built by :func:`stack`. ``config`` is the
-    first member's: the members' knobs (:class:`~ep_core.protocols.StacksKnobs`) are in the stacked buffers."""
+    """N models of one type and configuration as one (module docstring). Built by :func:`stack`. ``config`` and
+    ``dynamics`` are the first member's: the members' knobs (:class:`~ep_core.protocols.StacksKnobs`) are in the
+    stacked buffers, their step sizes in the force weights."""
 
-    def __init__(self, models: Sequence[nn.Module], cost_weights: Sequence[float] | None = None):
+    def __init__(self, models: Sequence[nn.Module], nudge_ratios: Sequence[float] | None = None):
         super().__init__()
         base = models[0]
         self.problems = copy.deepcopy(base)
@@ -63,13 +67,17 @@ class Stacked(nn.Module):
         self.members = list(models)
         self.config = base.config
         self.data = base.data
-        self.cost_weights = None if cost_weights is None else list(cost_weights)
-        """w_i, member i's cost weight (None: all 1), for members whose estimators differ in their nudge
-        (:class:`~ep_core.protocols.StacksNudge`)."""
-        # Made here, not in cost(): a tensor made from Python numbers inside a CUDA graph capture is a host copy.
+        self.step_ratios = step_ratios(models)
+        """v_i = ε_i/ε₀, member i's force weight (None: all 1)."""
+        self.cost_weights = _products(nudge_ratios, self.step_ratios)
+        """w_i = u_i·v_i, member i's cost weight and the factor its estimate carries (None: all 1)."""
+        # Made here, not in force() or cost(): a tensor made from Python numbers inside a CUDA graph capture is a
+        # host copy.
         reference = next(base.parameters())
-        self._weights = None if cost_weights is None else torch.tensor(
-            list(cost_weights), dtype=reference.dtype, device=reference.device)
+
+        def weights(values: list[float] | None) -> torch.Tensor | None:
+            return None if values is None else torch.tensor(values, dtype=reference.dtype, device=reference.device)
+        self._force_weights, self._cost_weights = weights(self.step_ratios), weights(self.cost_weights)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -129,7 +137,7 @@ class Stacked(nn.Module):
         return self._each(lambda model, b: model.init_state(b), batch)
 
     def force(self, state: State, batch: Batch) -> State:
-        return self._each(lambda model, x, b: model.force(x, b), state, batch)
+        return self._scaled(self._each(lambda model, x, b: model.force(x, b), state, batch))
 
     def project(self, state: State) -> State:
         return self._each(lambda model, x: model.project(x), state)
@@ -141,12 +149,19 @@ class Stacked(nn.Module):
         return self._weighted(self._each(lambda model, b: model.loss(b), batch))
 
     def _weighted(self, costs: torch.Tensor) -> torch.Tensor:
-        return costs.sum() if self._weights is None else (costs * self._weights).sum()
+        return costs.sum() if self._cost_weights is None else (costs * self._cost_weights).sum()
+
+    def _scaled(self, parts: State) -> State:
+        """v_i times member i's part of a force."""
+        if self._force_weights is None:
+            return parts
+        return tuple(part * self._force_weights.view(-1, *(1,) * (part.dim() - 1)) for part in parts)
 
 
 class _Nonconservative:
     def nonconservative(self, state: State, batch: Batch) -> State:
-        return self._each(lambda model, x, b: model.nonconservative(x, b), state, batch)
+        """v_i N_i: the part of the stack's force v_i F_i = −∇(v_i E_i) + v_i N_i that is not a gradient."""
+        return self._scaled(self._each(lambda model, x, b: model.nonconservative(x, b), state, batch))
 
 
 class _ParameterTerms:
@@ -169,10 +184,10 @@ def _stacked_class(model_type: type) -> type[Stacked]:
     return type(f"Stacked{model_type.__name__}", (*mixins, Stacked), {})
 
 
-def stack(models: Sequence[nn.Module], cost_weights: Sequence[float] | None = None) -> Stacked:
+def stack(models: Sequence[nn.Module], nudge_ratios: Sequence[float] | None = None) -> Stacked:
     """The N models as one (module docstring). They must share a type, a configuration (but for the knobs they
-    read from buffers, :func:`stacking_key`) and parameter shapes. ``cost_weights`` (:func:`nudge_weights`)
-    weight the members' costs."""
+    read from buffers and their step size, :func:`stacking_key`) and parameter shapes. ``nudge_ratios``
+    (:func:`nudge_ratios`) weight the members' costs."""
     if not models:
         raise ValueError("stack needs at least one model")
     base = models[0]
@@ -180,20 +195,45 @@ def stack(models: Sequence[nn.Module], cost_weights: Sequence[float] | None = No
     for model in models[1:]:
         if stacking_key(model) != key or _shapes(model) != shapes:
             raise ValueError("stacked models must share a type, a configuration (but for the knobs they declare in "
-                             "stacked_knobs) and parameter shapes")
-    if cost_weights is not None and len(cost_weights) != len(models):
-        raise ValueError(f"{len(models)} models need as many cost weights, got {len(cost_weights)}")
-    return _stacked_class(type(base))(models, cost_weights)
+                             "stacked_knobs and their step_size_field) and parameter shapes")
+    if nudge_ratios is not None and len(nudge_ratios) != len(models):
+        raise ValueError(f"{len(models)} models need as many nudge ratios, got {len(nudge_ratios)}")
+    return _stacked_class(type(base))(models, nudge_ratios)
 
 
-def stacking_key(model: nn.Module) -> tuple:
+def stacking_key(model: nn.Module, *, step_size: bool = True) -> tuple:
     """What models must share to be stacked: their type and configuration, less the knobs they read from buffers
-    (:class:`~ep_core.protocols.StacksKnobs`), of which only whether each is zero."""
+    (:class:`~ep_core.protocols.StacksKnobs`), of which only whether each is zero, and, with ``step_size``, less
+    the step size of a model that declares it (:class:`~ep_core.protocols.StacksStepSize`). The stack runs each
+    member at its own step size; only a :class:`~ep_core.protocols.ForceHomogeneous` estimator's estimate of it is
+    each member's own (:func:`stacks_step_size`)."""
     knobs = type(model).stacked_knobs if isinstance(model, StacksKnobs) else ()
+    free = {type(model).step_size_field} if step_size and isinstance(model, StacksStepSize) else set()
     config = model.config
     return (type(model), tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
-                               if f.name not in knobs),
+                               if f.name not in {*knobs, *free}),
             tuple(getattr(config, knob) == 0 for knob in knobs))
+
+
+def stacks_step_size(estimator: Any) -> bool:
+    """Whether an estimator (or its class) declares that its estimate scales with the force
+    (:class:`~ep_core.protocols.ForceHomogeneous`), so that models differing in their step size stack for it."""
+    return isinstance(estimator, ForceHomogeneous) and estimator.force_homogeneous is True
+
+
+def step_ratios(models: Sequence[nn.Module]) -> list[float] | None:
+    """v_i = ε_i/ε₀, the members' step sizes relative to the first one's; None when they share it."""
+    sizes = [model.dynamics.eps for model in models]
+    return None if len(set(sizes)) == 1 else [size / sizes[0] for size in sizes]
+
+
+def _products(first: Sequence[float] | None, second: Sequence[float] | None) -> list[float] | None:
+    """The elementwise product of two weight lists, where None means all 1."""
+    if first is None:
+        return None if second is None else list(second)
+    if second is None:
+        return list(first)
+    return [a * b for a, b in zip(first, second, strict=True)]
 
 
 KNOB = "knob_"
@@ -223,8 +263,8 @@ def estimator_key(estimator: Any) -> tuple:
                                    if f.name != nudge))
 
 
-def nudge_weights(estimators: Sequence[Any]) -> list[float] | None:
-    """w_i = β_i / β₀ for estimators that differ only in their nudge (:class:`~ep_core.protocols.StacksNudge`),
+def nudge_ratios(estimators: Sequence[Any]) -> list[float] | None:
+    """u_i = β_i / β₀ for estimators that differ only in their nudge (:class:`~ep_core.protocols.StacksNudge`),
     the stack running at the first one's β₀; None when they share it."""
     first = estimators[0]
     if not isinstance(first, StacksNudge):
@@ -267,7 +307,7 @@ def member_residuals(model: Stacked, batch: Batch, state: State) -> torch.Tensor
 def split(estimate: GradientEstimate, residuals: Sequence[Any],
           cost_weights: Sequence[float] | None = None) -> list[GradientEstimate]:
     """The members' estimates from the stack's, with their own free-phase residuals; with ``cost_weights`` (the
-    stack's), member i's divided by w_i (:class:`~ep_core.protocols.StacksNudge`)."""
+    stack's), member i's divided by w_i (module docstring)."""
     estimates = []
     for i, residual in enumerate(residuals):
         grads = {name.removeprefix(PROBLEMS + "."): g[i] for name, g in estimate.grads.items()}

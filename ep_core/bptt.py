@@ -37,6 +37,9 @@ class BPTT:
     requires: ClassVar[type] = Model
     exact_limit: ClassVar[str] = "always: it differentiates the unrolled computation itself"
     conformance_limit: ClassVar[str | None] = None
+    # The unroll x ← Π(x + εF) is the same with v·F at step ε/v, and the loss v·C has v times the gradient: models
+    # that differ in ε stack (protocols.ForceHomogeneous).
+    force_homogeneous: ClassVar[bool] = True
 
     def __init__(self, config: BPTTConfig | None = None):
         self.config = config or BPTTConfig()

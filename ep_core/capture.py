@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
-from ep_core.batching import (Stacked, estimator_key, member_residuals, nudge_weights, split, stack, stackable,
-                              stacking_key)
+from ep_core.batching import (Stacked, estimator_key, member_residuals, nudge_ratios, split, stack, stackable,
+                              stacking_key, stacks_step_size)
 from ep_core.protocols import Batch, Batchable, CachesParameterTerms, Capturable, GradientEstimate
 
 GRAPHS_PER_RUNNER = 8
@@ -250,14 +250,15 @@ class Runner:
     def batchable(self, batches: list[Batch]) -> bool:
         """Whether the members run as one stacked model (:mod:`ep_core.batching`): several of them, with one
         estimator configuration (but for a nudge it stacks, :func:`~ep_core.batching.estimator_key`) and one model
-        type and configuration (but for the knobs the model reads from buffers,
-        :func:`~ep_core.batching.stacking_key`), an estimator that declares it treats
-        problems independently, and batches that stack."""
+        type and configuration (but for the knobs the model reads from buffers, and for the step size where the
+        estimator scales with the force, :func:`~ep_core.batching.stacking_key`), an estimator that declares it
+        treats problems independently, and batches that stack."""
         if len(self.members) < 2:
             return False
         estimator, model = self.members[0]
-        kind = (estimator_key(estimator), stacking_key(model))
-        return (all((estimator_key(e), stacking_key(m)) == kind for e, m in self.members)
+        step_size = stacks_step_size(estimator)
+        kind = (estimator_key(estimator), stacking_key(model, step_size=step_size))
+        return (all((estimator_key(e), stacking_key(m, step_size=step_size)) == kind for e, m in self.members)
                 and isinstance(estimator, Batchable) and estimator.batchable(model) and stackable(batches))
 
     def _capture_fastest(self, batches: list[Batch], generators: list[torch.Generator]) -> _Graph | str:
@@ -286,7 +287,7 @@ class Runner:
                  as_stack: bool) -> _Graph | str:
         device = next(self.members[0][1].parameters()).device
         stacked = (stack([model for _, model in self.members],
-                         cost_weights=nudge_weights([estimator for estimator, _ in self.members]))
+                         nudge_ratios=nudge_ratios([estimator for estimator, _ in self.members]))
                    if as_stack else None)
         if stacked is not None:
             inputs = [stacked.batch(batches)]

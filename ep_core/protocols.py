@@ -23,8 +23,9 @@ from ep_core.errors import ConfigError, DivergenceError, EpxError, FileFormatErr
 
 __all__ = ["Batch", "Batchable", "CachesParameterTerms", "Capturable", "ChoosesBackwardRules", "DataSpec", "Dataset",
            "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel",
-           "EstimateStats", "Estimator", "GradientEstimate", "HasMetrics", "HasTrainingDefaults", "LocalModel",
-           "Model", "NamedState", "ResidualModel", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
+           "EstimateStats", "Estimator", "ForceHomogeneous", "GradientEstimate", "HasMetrics", "HasTrainingDefaults",
+           "LocalModel", "Model", "NamedState", "ResidualModel", "StacksKnobs", "StacksNudge", "StacksStepSize",
+           "State", "StatefulEstimator", "SyntheticData", "matching_state"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -239,6 +240,27 @@ class StacksNudge(Protocol):
     by w_i = β_i/β₀, and member i's estimate divided by w_i."""
 
     nudge_field: ClassVar[str]
+
+
+@runtime_checkable
+class ForceHomogeneous(Protocol):
+    """A :class:`Batchable` estimator that uses the force only through relaxation steps x ← Π(x + ε(F + d)) whose
+    drive d is linear in F and C together (the nudge −β∇ₓC, a correction in F's Jacobian) and through pairings
+    linear in F and C: on a model whose force and cost are v·F and v·C, relaxed at step ε/v, its estimate is v
+    times its estimate at ε. Problems whose models differ only in their step size (:class:`StacksStepSize`) then
+    stack (:mod:`ep_core.batching`): the stack runs at the first member's ε₀, member i's force and cost scaled by
+    v_i = ε_i/ε₀, and member i's estimate divided by v_i. ``force_homogeneous = True`` declares it."""
+
+    force_homogeneous: ClassVar[bool]
+
+
+@runtime_checkable
+class StacksStepSize(Protocol):
+    """A model whose configuration field ``step_size_field`` is its dynamics' step size ε and enters nothing else
+    (no buffer, no branch), so that models differing only in ε stack for a :class:`ForceHomogeneous` estimator:
+    a sweep's grid points over ε are measured together like its seeds."""
+
+    step_size_field: ClassVar[str]
 
 
 @runtime_checkable

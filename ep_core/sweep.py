@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
+from ep_core.batching import stacks_step_size
 from ep_core.config import ConfigError, suggest
 from ep_core.distributed import ONE_PROCESS, World
 from ep_core.errors import DistributedError, EpxError, ResumeError, UsageError
 from ep_core.files import read_json, require, write_atomic
 from ep_core.harness import Progress
 from ep_core.plugins import Registry
-from ep_core.protocols import StacksKnobs, StacksNudge
+from ep_core.protocols import StacksKnobs, StacksNudge, StacksStepSize
 from ep_core.seeding import check_seed
 from ep_core.session import model_data, run_problem_comparisons
 from ep_core.summary import mean_std
@@ -223,8 +224,10 @@ def _units(points: Sequence[Point], together: set[str]) -> list[list[int]]:
 def _stacked_axes(axes: Sequence[Axis], model_class: type, estimator_classes: Mapping[str, type], device: str,
                   eager: bool) -> set[str]:
     """The keys of the axes whose grid points run together: the model's own knobs that it reads from buffers
-    (:class:`~ep_core.protocols.StacksKnobs`) and a nudge that every estimator owning it stacks
-    (:class:`~ep_core.protocols.StacksNudge`), and only on CUDA without ``eager``, where problems measured together
+    (:class:`~ep_core.protocols.StacksKnobs`), its step size where it declares it and every estimator scales with
+    the force (:class:`~ep_core.protocols.StacksStepSize`, :class:`~ep_core.protocols.ForceHomogeneous`), and a
+    nudge that every estimator owning it stacks (:class:`~ep_core.protocols.StacksNudge`), and only on CUDA without
+    ``eager``, where problems measured together
     are one graph (stacked where the estimator allows it); elsewhere they would run one after the other anyway,
     and a point at a time keeps the output file current."""
     try:
@@ -233,7 +236,9 @@ def _stacked_axes(axes: Sequence[Axis], model_class: type, estimator_classes: Ma
         return set()  # not a device: the first point's run says so, as without knobs
     if eager or not on_cuda:
         return set()
-    knobs = model_class.stacked_knobs if isinstance(model_class, StacksKnobs) else ()
+    knobs = set(model_class.stacked_knobs) if isinstance(model_class, StacksKnobs) else set()
+    if isinstance(model_class, StacksStepSize) and all(map(stacks_step_size, estimator_classes.values())):
+        knobs.add(model_class.step_size_field)
 
     def stacks(owner: str, field: str) -> bool:
         if owner == "model":
@@ -259,7 +264,8 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     The seeds of one point are measured together (:func:`ep_core.session.run_problem_comparisons`: on CUDA, one
     graph per estimator that runs them side by side or stacked; ``eager``: no CUDA graphs), each with the numbers it
     has alone; on CUDA, so are the grid points that differ only in knobs the model or the estimators stack (lm's
-    and cet's s and c, ep's and aep's β: :func:`_stacked_axes`), and ``out`` is written after each such group.
+    and cet's s and c, the models' ε where every estimator scales with the force, ep's and aep's β:
+    :func:`_stacked_axes`), and ``out`` is written after each such group.
     ``on_point(index, total, point)`` is called before a point's pending seeds run on this rank (with the first of
     them), ``on_record(index, total, record, resumed)`` for each seed after its round, in grid order, with its record
     (``resumed``: it was already in ``out``)."""

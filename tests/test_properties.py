@@ -336,11 +336,21 @@ class BetaScaledEP(EP):
         return replace(estimate, grads={name: self.config.beta * g for name, g in estimate.grads.items()})
 
 
+class StepScaledEP(EP):
+    """ep's gradient times ε: it declares ForceHomogeneous (EP does), yet on a stack it sees the first member's ε."""
+
+    def estimate(self, model, batch, *, generator) -> GradientEstimate:
+        estimate = super().estimate(model, batch, generator=generator)
+        return replace(estimate, grads={name: model.dynamics.eps * g for name, g in estimate.grads.items()})
+
+
 @pytest.mark.parametrize("flawed, message", [
     (StateNormalisedEP, r"problem \d's gradient of '\w+' differs from its own by .* the estimate mixes the problems"),
     (BetaScaledEP, r"problem 2's gradient .* or does not scale with the nudge as StacksNudge says"),
+    (StepScaledEP, r"problem 2's gradient .* or does not scale with the force as ForceHomogeneous says \(problem 2 "
+                   r"at eps=0\.\d+\)"),
 ])
-def test_stacked_problems_catches_an_estimate_that_mixes_them_or_a_wrong_nudge(flawed, message):
+def test_stacked_problems_catches_an_estimate_that_mixes_them_or_a_wrong_nudge_or_step(flawed, message):
     report = check_estimator(flawed, examples=3, checks=["stacked_problems"], models=small_toys, shrink=False,
                              raise_on_failure=False)
     (result,) = report.results

@@ -90,6 +90,10 @@ def test_on_cuda_grid_points_differing_only_in_stacked_knobs_run_together():
     from epx_estimators.adjoint import Adjoint
     mixed = {"ep": EP, "adjoint": Adjoint, "bptt": BPTT}
     assert "T1" not in _stacked_axes(resolve_axes(["T1=30,40"], LM, mixed), LM, mixed, "cuda", eager=False)
+    # ε stacks where every estimator, the reference included, scales with the force: adjoint does not declare it.
+    step_axes = resolve_axes(["eps=0.05,0.1"], LM, {**estimators, "bptt": BPTT})
+    assert _stacked_axes(step_axes, LM, {**estimators, "bptt": BPTT}, "cuda", eager=False) == {"eps"}
+    assert _stacked_axes(resolve_axes(["eps=0.05,0.1"], LM, mixed), LM, mixed, "cuda", eager=False) == set()
     points = grid(axes, seeds=(0, 1))
     units = _units(points, {"s", "beta"})
     assert len(units) == 4 and sorted(i for unit in units for i in unit) == list(range(len(points)))
@@ -117,15 +121,15 @@ def test_problems_at_different_knobs_measured_together_are_each_their_own_compar
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cuda_sweep_over_s_and_beta_measures_its_grid_points_together_with_their_own_numbers():
-    spec = SweepSpec(estimators=("ep", "aep"), model="lm", vary=("s=0.25,1", "beta=0.01,0.03"), seeds=(0, 1),
-                     data="sample", batch_size=4, device="cuda",
+def test_a_cuda_sweep_over_s_beta_and_eps_measures_its_grid_points_together_with_their_own_numbers():
+    spec = SweepSpec(estimators=("ep", "aep"), model="lm", vary=("s=0.25,1", "beta=0.01,0.03", "eps=0.05,0.1"),
+                     seeds=(0, 1), data="sample", batch_size=4, device="cuda",
                      model_settings={"context": "12", "width": "16", "heads": "2", "T1": "40"})
     together = run_sweep(load(), spec)
     apart = run_sweep(load(), spec, eager=True)
     for joint, alone in zip(together.records, apart.records):
         assert joint["id"] == alone["id"] and joint["status"] == alone["status"] == "ok"
-        assert joint["comparison"]["group"]["size"] == 8 and alone["comparison"]["group"]["size"] == 2
+        assert joint["comparison"]["group"]["size"] == 16 and alone["comparison"]["group"]["size"] == 2
         for mine, theirs in zip(joint["comparison"]["results"], alone["comparison"]["results"]):
             assert mine["execution"] in ("captured", "stacked") and theirs["execution"] == "eager"
             assert mine["metrics"]["cosine"] == pytest.approx(theirs["metrics"]["cosine"], abs=1e-5)

@@ -92,6 +92,7 @@ class CET(nn.Module):
                                         datasets=("fashionmnist",), batch_size=32)
     state_names: ClassVar[tuple[str, ...]] = ("z", "y")
     stacked_knobs: ClassVar[tuple[str, ...]] = ("s", "c")
+    step_size_field: ClassVar[str] = "eps"
 
     def __init__(self, config: CETConfig | None = None, *, generator: torch.Generator):
         super().__init__()

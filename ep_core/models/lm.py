@@ -96,6 +96,7 @@ class LM(nn.Module):
                                         batch_size=16, from_data=lambda dataset: {"vocab": dataset.vocab_size})
     state_names: ClassVar[tuple[str, ...]] = ("z",)
     stacked_knobs: ClassVar[tuple[str, ...]] = ("s", "c")
+    step_size_field: ClassVar[str] = "eps"
 
     def __init__(self, config: LMConfig | None = None, *, generator: torch.Generator):
         super().__init__()

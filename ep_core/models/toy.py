@@ -50,6 +50,7 @@ class Toy(nn.Module):
     Config: ClassVar[type[Config]] = ToyConfig
     data: ClassVar[DataSpec] = DataSpec(kind="synthetic", batch_size=32)
     state_names: ClassVar[tuple[str, ...]] = ("x",)
+    step_size_field: ClassVar[str] = "eps"
 
     def __init__(self, config: ToyConfig | None = None, *, generator: torch.Generator):
         super().__init__()

@@ -40,7 +40,8 @@ state_round_trip             4      for a stateful estimator (``init``, ``state_
 declared_properties          4      every function in the estimator's ``properties`` holds on the problems
 stacked_problems             5      for a ``Batchable`` estimator: its estimate of two problems stacked
                                     (``ep_core.batching``) is each problem's own, to 1e-8 in float64; for a
-                                    ``StacksNudge`` one, with the second problem at half the nudge
+                                    ``StacksNudge`` one, with the second problem at half the nudge; for a
+                                    ``ForceHomogeneous`` one, at 0.75 of the step size
 ===========================  =====  ==================================================================
 
 Problems are drawn for the model protocol the estimator requires: tiny converging toys for an
@@ -76,11 +77,12 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from ep_core.batching import nudge_weights, split, stack
+from ep_core.batching import nudge_ratios, split, stack, stacks_step_size
 from ep_core.bptt import BPTT
 from ep_core.config import Config
 from ep_core.harness import CONVERGED_TOL, gradient_metrics, init_state
-from ep_core.protocols import Batch, Batchable, EpxError, GradientEstimate, StatefulEstimator, StacksNudge
+from ep_core.protocols import (Batch, Batchable, EpxError, GradientEstimate, StacksNudge, StacksStepSize,
+                               StatefulEstimator)
 from ep_core.testing import strategies
 
 SUITE_VERSION = 5
@@ -480,20 +482,25 @@ below 1e-13), while a mixture of the problems, or a nudge not undone, differs by
 def check_stacked_problems(estimator: Any, model: torch.nn.Module, batch: Batch, *, seed: int = 0) -> None:
     """A Batchable estimator treats problems independently: its estimate of ``model`` stacked with a copy whose
     parameters are scaled by 0.9 (:func:`ep_core.batching.stack`) is each problem's own estimate. A StacksNudge
-    estimator runs the copy at half its nudge (the stack at the first one's, with cost weights)."""
+    estimator runs the copy at half its nudge (the stack at the first one's, with cost weights); a
+    ForceHomogeneous one, on a model that declares its step size (StacksStepSize), at 0.75 of the step size."""
     if not estimator.batchable(model):
         return  # not declared for this model and configuration
     other = copy.deepcopy(model)
     with torch.no_grad():
         for parameter in other.parameters():
             parameter.mul_(0.9)
+    step_size = stacks_step_size(estimator) and isinstance(model, StacksStepSize)
+    if step_size:
+        step_field = type(model).step_size_field
+        other.config = replace(model.config, **{step_field: getattr(model.config, step_field) * 0.75})
     estimators = [estimator, estimator]
     if isinstance(estimator, StacksNudge):
         nudge = type(estimator).nudge_field
         halved = {nudge: getattr(estimator.config, nudge) / 2}
         estimators[1] = type(estimator)(estimator.config.replace(**halved))
     try:
-        stacked = stack([model, other], cost_weights=nudge_weights(estimators))
+        stacked = stack([model, other], nudge_ratios=nudge_ratios(estimators))
         joint = run_estimate(estimator, stacked, stacked.batch([batch, batch]), seed=seed)
     except EpxError:
         raise
@@ -501,6 +508,10 @@ def check_stacked_problems(estimator: Any, model: torch.nn.Module, batch: Batch,
         _fail(estimator, f"declares Batchable but could not estimate two stacked problems: {type(exc).__name__}: "
                          f"{exc}")
     members = split(joint, [None, None], stacked.cost_weights)
+    declared = [" or does not scale with the nudge as StacksNudge says"] if estimators[1] is not estimator else []
+    if step_size:
+        declared.append(" or does not scale with the force as ForceHomogeneous says (problem 2 at "
+                        f"{step_field}={getattr(other.config, step_field):g})")
     for index, (member, own, problem) in enumerate(zip(members, estimators, (model, other))):
         alone = run_estimate(own, problem, batch, seed=seed).grads
         for name, grad in alone.items():
@@ -511,8 +522,7 @@ def check_stacked_problems(estimator: Any, model: torch.nn.Module, batch: Batch,
                                  f"gradient of {name!r} differs from its own by {difference:.2e} of its largest "
                                  f"entry (> {STACKED_TOLERANCE:g}; config {own.config.to_dict()}): the estimate "
                                  "mixes the problems (a norm or mean over the whole state)"
-                                 + (" or does not scale with the nudge as StacksNudge says"
-                                    if own is not estimator else ""))
+                                 + "".join(declared if index else []))
 
 
 def _without_batchable(estimator: Any) -> str | None:

@@ -68,6 +68,9 @@ class AEP:
     # β enters only as the nudge −β∇ₓC and the contrast's 1/β (the correction does not involve C), and ĝ is linear
     # in a and C: problems that differ in β stack (protocols.StacksNudge), where they stack at all (no clip).
     nudge_field: ClassVar[str] = "beta"
+    # As in ep; the correction −(Jv − Jᵀv) is linear in F's (or N's) Jacobian, so it scales with the force too:
+    # models that differ in ε stack (protocols.ForceHomogeneous).
+    force_homogeneous: ClassVar[bool] = True
 
     def __init__(self, config: AEPConfig | None = None):
         self.config = config or AEPConfig()

@@ -43,6 +43,9 @@ class EP:
     # β enters only as the nudge −β∇ₓC and the contrast's 1/β, and ĝ is linear in a and C: problems that differ in
     # β stack (protocols.StacksNudge).
     nudge_field: ClassVar[str] = "beta"
+    # F enters only as the steps' εF and the pairing ⟨a, F⟩, C as the nudge and the pairing: scaled by v at step ε/v,
+    # the phases are the same and ĝ is v times larger, so models that differ in ε stack (protocols.ForceHomogeneous).
+    force_homogeneous: ClassVar[bool] = True
 
     def __init__(self, config: EPConfig | None = None):
         self.config = config or EPConfig()

@@ -209,10 +209,19 @@ def stacking_key(model: nn.Module, *, step_size: bool = True) -> tuple:
     each member's own (:func:`stacks_step_size`)."""
     knobs = type(model).stacked_knobs if isinstance(model, StacksKnobs) else ()
     free = {type(model).step_size_field} if step_size and isinstance(model, StacksStepSize) else set()
-    config = model.config
-    return (type(model), tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
-                               if f.name not in {*knobs, *free}),
-            tuple(getattr(config, knob) == 0 for knob in knobs))
+    return (*_config_key(model, {*knobs, *free}), tuple(getattr(model.config, knob) == 0 for knob in knobs))
+
+
+def _config_key(owner: Any, excluded: set[str]) -> tuple:
+    """The owner's type and its configuration's (name, value) pairs, less the ``excluded`` fields."""
+    config = owner.config
+    return type(owner), tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+                              if f.name not in excluded)
+
+
+def _ratios(values: Sequence[float]) -> list[float] | None:
+    """The values relative to the first one; None when they are all equal."""
+    return None if len(set(values)) == 1 else [value / values[0] for value in values]
 
 
 def stacks_step_size(estimator: Any) -> bool:
@@ -223,8 +232,7 @@ def stacks_step_size(estimator: Any) -> bool:
 
 def step_ratios(models: Sequence[nn.Module]) -> list[float] | None:
     """v_i = ε_i/ε₀, the members' step sizes relative to the first one's; None when they share it."""
-    sizes = [model.dynamics.eps for model in models]
-    return None if len(set(sizes)) == 1 else [size / sizes[0] for size in sizes]
+    return _ratios([model.dynamics.eps for model in models])
 
 
 def _products(first: Sequence[float] | None, second: Sequence[float] | None) -> list[float] | None:
@@ -257,10 +265,7 @@ def knob(model: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor:
 def estimator_key(estimator: Any) -> tuple:
     """What the estimators of stacked problems must share: their type and configuration, less the nudge strength
     of an estimator that stacks it (:class:`~ep_core.protocols.StacksNudge`)."""
-    nudge = type(estimator).nudge_field if isinstance(estimator, StacksNudge) else None
-    config = estimator.config
-    return (type(estimator), tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
-                                   if f.name != nudge))
+    return _config_key(estimator, {type(estimator).nudge_field} if isinstance(estimator, StacksNudge) else set())
 
 
 def nudge_ratios(estimators: Sequence[Any]) -> list[float] | None:
@@ -270,8 +275,7 @@ def nudge_ratios(estimators: Sequence[Any]) -> list[float] | None:
     if not isinstance(first, StacksNudge):
         return None
     field = type(first).nudge_field
-    nudges = [getattr(estimator.config, field) for estimator in estimators]
-    return None if len(set(nudges)) == 1 else [nudge / nudges[0] for nudge in nudges]
+    return _ratios([getattr(estimator.config, field) for estimator in estimators])
 
 
 def stackable(batches: Sequence[Batch]) -> bool:

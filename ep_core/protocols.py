@@ -237,7 +237,7 @@ class StacksNudge(Protocol):
     only as β·C in the nudged dynamics and as the 1/β of the contrast, with the rest of the estimate linear in the
     cost: on a model whose cost is w·C its estimate at β is w times its estimate at w·β. Problems that differ only
     in β then stack (:mod:`ep_core.batching`): the stack runs at the first member's β₀, member i's cost weighted
-    by w_i = β_i/β₀, and member i's estimate divided by w_i."""
+    by u_i = β_i/β₀, and member i's estimate divided by u_i."""
 
     nudge_field: ClassVar[str]
 

@@ -422,8 +422,9 @@ def run_problem_comparisons(registry: Registry, estimators: Sequence[str], model
                             stacking: bool | None = None) -> list[Comparison]:
     """:func:`run_comparisons` over (estimator settings, model settings, seed) ``problems``: a sweep's grid points
     and their seeds, measured together. Problems that differ only in knobs the model reads from buffers
-    (:class:`~ep_core.protocols.StacksKnobs`, lm's and cet's s and c) or in a nudge the estimator stacks
-    (:class:`~ep_core.protocols.StacksNudge`, ep's and aep's β) can run stacked."""
+    (:class:`~ep_core.protocols.StacksKnobs`, lm's and cet's s and c), in a nudge the estimator stacks
+    (:class:`~ep_core.protocols.StacksNudge`, ep's and aep's β) or in the model's step size ε where the estimator
+    scales with the force (:class:`~ep_core.protocols.ForceHomogeneous`) can run stacked."""
     if not problems:
         raise ConfigError("seeds", "give at least one seed")
     labels = [label for label in dict.fromkeys(estimators) if label != reference]

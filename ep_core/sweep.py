@@ -227,9 +227,8 @@ def _stacked_axes(axes: Sequence[Axis], model_class: type, estimator_classes: Ma
     (:class:`~ep_core.protocols.StacksKnobs`), its step size where it declares it and every estimator scales with
     the force (:class:`~ep_core.protocols.StacksStepSize`, :class:`~ep_core.protocols.ForceHomogeneous`), and a
     nudge that every estimator owning it stacks (:class:`~ep_core.protocols.StacksNudge`), and only on CUDA without
-    ``eager``, where problems measured together
-    are one graph (stacked where the estimator allows it); elsewhere they would run one after the other anyway,
-    and a point at a time keeps the output file current."""
+    ``eager``, where problems measured together are one graph (stacked where the estimator allows it); elsewhere
+    they would run one after the other anyway, and a point at a time keeps the output file current."""
     try:
         on_cuda = torch.device(device).type == "cuda"
     except (RuntimeError, ValueError):

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, Equilibrium, ForceHomogeneous,
-                               GradientEstimate, State, StacksKnobs, StacksNudge, StacksStepSize)
+                               GradientEstimate, SplitsForce, State, StacksKnobs, StacksNudge, StacksStepSize)
 
 PROBLEMS = "problems"
 """The stack's submodule holding the stacked parameters and buffers: its names are the members' under this prefix."""
@@ -164,6 +164,13 @@ class _Nonconservative:
         return self._scaled(self._each(lambda model, x, b: model.nonconservative(x, b), state, batch))
 
 
+class _SplitsForce(_Nonconservative):
+    def split_force(self, state: State, batch: Batch) -> tuple[State, State]:
+        """(v_i F_i, v_i N_i) from one evaluation of each member's."""
+        forces, parts = self._each(lambda model, x, b: model.split_force(x, b), state, batch)
+        return self._scaled(forces), self._scaled(parts)
+
+
 class _ParameterTerms:
     def parameter_term_inputs(self) -> Batch:
         """The members' own, stacked: the stack's parameters are theirs (:meth:`Stacked.load`), and what these
@@ -177,8 +184,10 @@ class _ParameterTerms:
 @functools.cache
 def _stacked_class(model_type: type) -> type[Stacked]:
     """Stacked with the optional members the members' type declares, so that the stack satisfies the same
-    protocols (:class:`DeclaresNonconservative`, :class:`CachesParameterTerms`) and estimators treat it alike."""
-    mixins = [mixin for protocol, mixin in ((DeclaresNonconservative, _Nonconservative),
+    protocols (:class:`DeclaresNonconservative`, :class:`SplitsForce`, :class:`CachesParameterTerms`) and estimators
+    treat it alike."""
+    nonconservative = _SplitsForce if issubclass(model_type, SplitsForce) else _Nonconservative
+    mixins = [mixin for protocol, mixin in ((DeclaresNonconservative, nonconservative),
                                             (CachesParameterTerms, _ParameterTerms))
               if issubclass(model_type, protocol)]
     return type(f"Stacked{model_type.__name__}", (*mixins, Stacked), {})

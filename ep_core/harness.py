@@ -91,24 +91,26 @@ def _same(a: GradientEstimate, b: GradientEstimate) -> bool:
     return all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
 
 
-COUNTED = ("force", "nonconservative")
+COUNTED = {"force": "force", "split_force": "force", "nonconservative": "nonconservative"}
+"""The model methods counted, and the counter each adds to: ``split_force`` is one evaluation of F, N coming with
+it (:class:`~ep_core.protocols.SplitsForce`)."""
 
 
 @contextmanager
 def counting(model: Any) -> Iterator[dict[str, int]]:
-    """Count ``model``'s calls of ``force`` and ``nonconservative`` while the block runs: how the harness knows what
-    an estimate cost in force evaluations, without each estimator counting by hand. The counters are put on the
-    model itself, shadowing its methods until the block ends, rather than on a proxy: Python 3.12's protocol
-    checks look attributes up statically, and would not see a proxy's forwarded ones."""
-    calls = {name: 0 for name in COUNTED}
+    """Count ``model``'s evaluations of F and N while the block runs (:data:`COUNTED`): how the harness knows what an
+    estimate cost in force evaluations, without each estimator counting by hand. The counters are put on the model
+    itself, shadowing its methods until the block ends, rather than on a proxy: Python 3.12's protocol checks look
+    attributes up statically, and would not see a proxy's forwarded ones."""
+    calls = {counter: 0 for counter in COUNTED.values()}
     wrapped = []
-    for name in COUNTED:
+    for name, counter in COUNTED.items():
         method = getattr(model, name, None)
         if method is None:
             continue
 
-        def counted(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
-            calls[_name] += 1
+        def counted(*args: Any, _counter: str = counter, _method: Any = method, **kwargs: Any) -> Any:
+            calls[_counter] += 1
             return _method(*args, **kwargs)
         object.__setattr__(model, name, counted)
         wrapped.append(name)

@@ -24,8 +24,8 @@ from ep_core.errors import ConfigError, DivergenceError, EpxError, FileFormatErr
 __all__ = ["Batch", "Batchable", "CachesParameterTerms", "Capturable", "ChoosesBackwardRules", "DataSpec", "Dataset",
            "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel",
            "EstimateStats", "Estimator", "ForceHomogeneous", "GradientEstimate", "HasMetrics", "HasTrainingDefaults",
-           "LocalModel", "Model", "NamedState", "ResidualModel", "StacksKnobs", "StacksNudge", "StacksStepSize",
-           "State", "StatefulEstimator", "SyntheticData", "matching_state"]
+           "LocalModel", "Model", "NamedState", "ResidualModel", "SplitsForce", "StacksKnobs", "StacksNudge",
+           "StacksStepSize", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -244,8 +244,8 @@ class StacksNudge(Protocol):
 
 @runtime_checkable
 class ForceHomogeneous(Protocol):
-    """A :class:`Batchable` estimator that uses the force only through relaxation steps x ← Π(x + ε(F + d)) whose
-    drive d is linear in F and C together (the nudge −β∇ₓC, a correction in F's Jacobian) and through pairings
+    """A :class:`Batchable` estimator that uses the force only through relaxation steps x ← Π(x + εΦ) whose field
+    Φ is linear in F and C together (the nudge −β∇ₓC, a correction in F's Jacobian) and through pairings
     linear in F and C: on a model whose force and cost are v·F and v·C, relaxed at step ε/v, its estimate is v
     times its estimate at ε. Problems whose models differ only in their step size (:class:`StacksStepSize`) then
     stack (:mod:`ep_core.batching`): the stack runs at the first member's ε₀, member i's force and cost scaled by
@@ -294,6 +294,14 @@ class DeclaresNonconservative(Protocol):
     linearises only N."""
 
     def nonconservative(self, state: State, batch: Batch) -> State: ...
+
+
+@runtime_checkable
+class SplitsForce(DeclaresNonconservative, Protocol):
+    """A model whose force computes its non-conservative part on the way (lm, cet: F = [conservative] + N), and
+    returns both from one evaluation, so that aep's nudged step, which needs F(x) and N(x), evaluates N once."""
+
+    def split_force(self, state: State, batch: Batch) -> tuple[State, State]: ...
 
 
 @runtime_checkable

@@ -25,11 +25,10 @@ from ep_core.solvers import SOLVERS, fixed_steps, iterate
 CONVERGED_TOL = 1e-4
 """A free phase whose relative residual ||G(x*) − x*|| / ||x*|| exceeds this is reported as not converged."""
 
-Drive = Callable[[State, State], State]
-"""An extra force term d(x, F(x)) added during a relaxation; it sees the force already computed at x."""
-
-Correction = Callable[[State, State, State], State]
-"""An extra nudged-phase term c(x, F(x), F(x) − β∇ₓC(x)), given both forces so it can reuse them."""
+Field = Callable[[State], State]
+"""The force of one phase as a function of the state: F for the free phase, F − β∇ₓC (:func:`nudge`) or a
+corrected form of it for a nudged one. An estimator that changes a nudged phase writes its own field, and so
+decides how the field's parts are evaluated (aep takes F and N from one pass where the model offers it)."""
 
 
 # One kernel per operation where torch has one: on a GPU a relaxation step costs about its kernel count.
@@ -75,20 +74,17 @@ class Relaxation:
     steps: int
 
 
-def relax(model, batch: Batch, state: State, steps: int, *, phase: str, drive: Drive | None = None,
+def relax(model, batch: Batch, state: State, steps: int, *, phase: str, field: Field | None = None,
           solver: str | None = None, origin: State | None = None) -> Relaxation:
-    """Find the fixed point of x ↦ Π(x + ε(F(x) + d(x, F(x)))) from ``state``, without building a graph: with the
-    model's solver (or ``solver``), ``steps`` plain steps or at most ``steps`` accelerated ones
-    (:mod:`ep_core.solvers`), whose tolerance is relative to the distance from ``origin`` (default: ``state``);
-    ``Relaxation.steps`` is the number of force evaluations used."""
+    """Find the fixed point of x ↦ Π(x + εΦ(x)) from ``state``, Φ the ``field`` (default: the model's force F),
+    without building a graph: with the model's solver (or ``solver``), ``steps`` plain steps or at most ``steps``
+    accelerated ones (:mod:`ep_core.solvers`), whose tolerance is relative to the distance from ``origin``
+    (default: ``state``); ``Relaxation.steps`` is the number of field evaluations used."""
     dynamics = model.dynamics
     eps = dynamics.eps
 
     def update(x: State) -> State:
-        force = model.force(x, batch)
-        if drive is not None:
-            force = add(force, drive(x, force))
-        return step(model, batch, x, force)
+        return step(model, batch, x, model.force(x, batch) if field is None else field(x))
 
     def diverged(t: int) -> NoReturn:
         raise DivergenceError(phase, t, eps, divergence_remedy(phase, eps))
@@ -151,17 +147,20 @@ def cost_gradient(model, batch: Batch, state: State) -> State:
         return detach(torch.autograd.grad(cost, leaves, allow_unused=True, materialize_grads=True))
 
 
-def nudge(model, batch: Batch, beta: float, correction: Correction | None = None) -> Drive:
-    """The nudged drive −β∇ₓC(x), plus an optional correction term."""
-    def drive(x: State, force: State) -> State:
-        pull = scale(cost_gradient(model, batch, x), -beta)
-        return pull if correction is None else add(pull, correction(x, force, add(force, pull)))
-    return drive
+def nudged_force(model, batch: Batch, state: State, force: State, beta: float) -> State:
+    """F(x) − β∇ₓC(x), given F(x)."""
+    return add(force, cost_gradient(model, batch, state), -beta)
+
+
+def nudge(model, batch: Batch, beta: float) -> Field:
+    """The nudged field x ↦ F(x) − β∇ₓC(x)."""
+    return lambda x: nudged_force(model, batch, x, model.force(x, batch), beta)
 
 
 def contrast(model, batch: Batch, equilibrium: Equilibrium, *, beta: float, steps: int, centered: bool,
-             correction: Correction | None = None) -> State:
-    """The EP adjoint estimate a: relax T2 steps from x* under F ∓ β∇ₓC (+ correction) and form
+             nudged: Callable[[float], Field] | None = None) -> State:
+    """The EP adjoint estimate a: relax T2 steps from x* under the field nudged by ∓β (``nudged(β)``; default
+    :func:`nudge`, F ∓ β∇ₓC) and form
 
     a = (x⁻ − x⁺) / (2β)  (centered)   or   a = (x* − x⁺) / β  (one-sided).
 
@@ -170,11 +169,11 @@ def contrast(model, batch: Batch, equilibrium: Equilibrium, *, beta: float, step
     stays relative to the displacement from x*. The plain solver starts both from x*, as T2 steps are defined.
     """
     x_star = equilibrium.state
-    plus = relax(model, batch, x_star, steps, phase="nudged", drive=nudge(model, batch, beta, correction))
+    field = nudged or (lambda strength: nudge(model, batch, strength))
+    plus = relax(model, batch, x_star, steps, phase="nudged", field=field(beta))
     if centered:
         start = x_star if fixed_steps(model.dynamics) else sub(scale(x_star, 2.0), plus.state)
-        minus = relax(model, batch, start, steps, phase="nudged", drive=nudge(model, batch, -beta, correction),
-                      origin=x_star)
+        minus = relax(model, batch, start, steps, phase="nudged", field=field(-beta), origin=x_star)
         return scale(sub(minus.state, plus.state), 1 / (2 * beta))
     return scale(sub(x_star, plus.state), 1 / beta)
 

@@ -1,6 +1,6 @@
 """Fixed-point solvers for the relaxations, in a plain registry (:data:`SOLVERS`), chosen by the model's dynamics.
 
-Both find x with x = U(x) for a relaxation's update U (the free phase's G, or a nudged phase's G with its drive),
+Both find x with x = U(x) for a relaxation's update U (the free phase's G, or a nudged phase's G with its field),
 starting from x₀, with at most ``steps`` evaluations of U:
 
     plain      x_{k+1} = U(x_k), exactly ``steps`` times: the map bptt differentiates and T1, T2 count

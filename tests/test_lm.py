@@ -50,11 +50,15 @@ def test_force_is_clamp_plus_damped_attention_and_conservative_at_s0(gain_bound)
     assert torch.allclose(force, -(z - x_in) + 0.7 * (model.attention(z) - 1.3 * z), atol=1e-12)
     (nonconservative,) = model.nonconservative((z,), batch)
     assert torch.allclose(nonconservative, 0.7 * model.attention(z), atol=1e-12)
+    (split_force,), (split_part,) = model.split_force((z,), batch)
+    assert torch.allclose(split_force, force, atol=1e-12) and torch.allclose(split_part, nonconservative, atol=1e-12)
     (cached,) = model.force((z,), model.with_parameter_terms(batch))
     assert torch.allclose(cached, force, atol=1e-12)
     conservative = tiny_lm(s=0.0)
     (f0,) = conservative.force((z,), batch)
     assert torch.allclose(f0, conservative.embed(batch) - z)  # −∇ of ½||z − x_in||²
+    (split0,), (part0,) = conservative.split_force((z,), batch)
+    assert torch.equal(split0, f0) and not part0.any()
 
 
 def test_attention_jacobian_is_not_symmetric():
@@ -128,6 +132,9 @@ def test_aep_matches_bptt_when_converged_and_naive_ep_does_not():
     assert all(aep["parameters"][n] > 0.9999 for n in ("W_Q", "W_K", "W_V", "W_O"))
     assert ep["groups"]["attention"] < 0.99
     assert comparison.to_json()["fixed_point"]["stable"]
+    # lm computes N inside F (SplitsForce): aep's nudged steps cost ep's force evaluations, N only for J_N at x*
+    assert comparison.result("aep").force_evals == comparison.result("ep").force_evals
+    assert comparison.result("aep").stats["nonconservative_evals"] == 1
 
 
 def test_seed_002_comparison_on_real_shakespeare(real_data_dir):

@@ -68,6 +68,9 @@ def test_cet_force_adds_exactly_the_attention_term(seed, s, c):
     rest = tuple(f - n for f, n in zip(force, model.nonconservative(state, batch)))
     shifted = torch.func.grad(lambda st: model.energy(st, batch) + 0.5 * s * c * st[0].pow(2).sum())(state)
     assert max_gap(rest, tuple(-g for g in shifted)) < 1e-10
+    # split_force gives both from one evaluation
+    split_force, split_part = model.split_force(state, batch)
+    assert max_gap(split_force, force) < 1e-12 and max_gap(split_part, model.nonconservative(state, batch)) < 1e-12
 
 
 def test_cet_attention_is_not_conservative():

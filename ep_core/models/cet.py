@@ -229,22 +229,37 @@ class CET(nn.Module):
     def force(self, state: State, batch: Batch) -> State:
         z, y = state
         terms = self._terms(batch)
+        force_z, force_y = self._conservative_force(z, y, terms)
+        if self.config.s:
+            force_z = torch.addmm(force_z, self.mix(z, terms[PROJECTIONS]), terms[OUTPUT])
+        return force_z.view_as(z), force_y
+
+    def nonconservative(self, state: State, batch: Batch) -> State:
+        z, y = state
+        return self._attention_part(z, self._terms(batch)), torch.zeros_like(y)
+
+    def split_force(self, state: State, batch: Batch) -> tuple[State, State]:
+        """(F, N) with one attention (:class:`~ep_core.protocols.SplitsForce`)."""
+        z, y = state
+        terms = self._terms(batch)
+        force_z, force_y = self._conservative_force(z, y, terms)
+        part = self._attention_part(z, terms)
+        return (force_z.view_as(z).add_(part), force_y), (part, torch.zeros_like(y))
+
+    def _conservative_force(self, z: torch.Tensor, y: torch.Tensor, terms: Batch) -> tuple[torch.Tensor, ...]:
+        """(−∂E_rest/∂z flattened to (B·N)×D, −∂E_rest/∂y)."""
         flat = z.reshape(-1, z.shape[-1])
         reconstruction_error = y - self._fold(torch.addmm(self.b_dec, flat, self.W_dec).view(
             z.shape[0], self.tokens, -1))
         force_z = torch.addcmul(terms[ENCODING], z, terms[DECAY]).reshape(flat.shape)
         force_z = torch.addmm(force_z, F.relu(flat @ self.memories.T), self.memories)
         force_z = torch.addmm(force_z, self._unfold(reconstruction_error).reshape(flat.shape[0], -1), self.W_dec.T)
-        if self.config.s:
-            force_z = torch.addmm(force_z, self.mix(z, terms[PROJECTIONS]), terms[OUTPUT])
-        return force_z.view_as(z), -reconstruction_error
+        return force_z, -reconstruction_error
 
-    def nonconservative(self, state: State, batch: Batch) -> State:
-        z, y = state
+    def _attention_part(self, z: torch.Tensor, terms: Batch) -> torch.Tensor:
         if not self.config.s:
-            return torch.zeros_like(z), torch.zeros_like(y)
-        terms = self._terms(batch)
-        return (self.mix(z, terms[PROJECTIONS]) @ terms[OUTPUT]).view_as(z), torch.zeros_like(y)
+            return torch.zeros_like(z)
+        return (self.mix(z, terms[PROJECTIONS]) @ terms[OUTPUT]).view_as(z)
 
     def project(self, state: State) -> State:
         if not self.config.project:

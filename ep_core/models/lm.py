@@ -271,10 +271,19 @@ class LM(nn.Module):
     def nonconservative(self, state: State, batch: Batch) -> State:
         """N(z) = s·Attn(z): F − N = x_in − (1 + s·c)·z is the gradient flow of a quadratic energy."""
         (z,) = state
-        if not self.config.s:
-            return (torch.zeros_like(z),)
+        return (self._attention_part(z, self._terms(batch)),)
+
+    def split_force(self, state: State, batch: Batch) -> tuple[State, State]:
+        """(F(z), N(z)) with one attention (:class:`~ep_core.protocols.SplitsForce`)."""
+        (z,) = state
         terms = self._terms(batch)
-        return ((self.mix(z, terms[PROJECTIONS]) @ terms[OUTPUT]).view_as(z),)
+        part = self._attention_part(z, terms)
+        return (torch.addcmul(terms[INPUT], z, terms[DECAY]).add_(part),), (part,)
+
+    def _attention_part(self, z: torch.Tensor, terms: Batch) -> torch.Tensor:
+        if not self.config.s:
+            return torch.zeros_like(z)
+        return (self.mix(z, terms[PROJECTIONS]) @ terms[OUTPUT]).view_as(z)
 
     def project(self, state: State) -> State:
         return state

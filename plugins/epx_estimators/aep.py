@@ -17,7 +17,8 @@ Computation: Jᵀv is one application of the vjp closure built once at x*; Jv = 
 from the force the step has already computed (the O(|v|²) = O(β²) error is the same for ±β and cancels in the
 centered difference). When the model declares its non-conservative part N (F = −∇E + N), the symmetric −∇²E
 drops out of Jv − Jᵀv, so only N is linearised: the correction is −(J_N v − J_Nᵀv), with J_N v = N(x) − N(x*),
-which costs one N evaluation and one vjp through N instead of a vjp through all of F.
+which costs one vjp through N instead of one through all of F, plus an N evaluation that a model computing N on
+its way to F returns with it (:class:`~ep_core.protocols.SplitsForce`: lm, cet).
 
 Option ``clip`` = κ: when ||correction|| > κ·||F(x) − σβ∇ₓC(x)||, rescale the correction to that norm, a guard
 for the first steps of a strongly non-conservative model. At the corrected nudged fixed point the correction
@@ -28,6 +29,7 @@ Cost: ep's, plus one vjp application per nudged step (≈ one force evaluation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,8 +37,9 @@ import torch
 
 from ep_core.config import Config, option
 from ep_core.protocols import (Batch, DeclaresNonconservative, Equilibrium, EquilibriumModel, EstimateStats,
-                               GradientEstimate, State)
-from ep_core.relax import contrast, force_pairing, free_phase, linearize, norm, scale, sub
+                               GradientEstimate, SplitsForce, State)
+from ep_core.relax import (Field, add, contrast, force_pairing, free_phase, linearize, norm, nudged_force, scale,
+                           sub)
 from ep_core.solvers import fixed_steps
 
 
@@ -82,44 +85,38 @@ class AEP:
         """The clip compares norms over the whole state, and a solver that stops on a tolerance its residual."""
         return self.config.clip is None and fixed_steps(model.dynamics)
 
-    def antisymmetric_correction(self, model, batch: Batch, equilibrium: Equilibrium):
-        """The term (x, F(x)) ↦ −(Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*.
+    def nudged_fields(self, model, batch: Batch, equilibrium: Equilibrium) -> Callable[[float], Field]:
+        """σβ ↦ the field x ↦ F(x) − σβ∇ₓC(x) − (Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*.
 
-        J is the Jacobian of the model's non-conservative part when it declares one, else of the whole force.
+        J is the Jacobian of the model's non-conservative part when it declares one, else of the whole force; a
+        model that computes N inside F (:class:`SplitsForce`) gives both from one evaluation.
         """
-        if isinstance(model, DeclaresNonconservative):
-            def part(x: State) -> State:
-                return model.nonconservative(x, batch)
-
-            def part_at(x: State, force: State) -> State:
-                return part(x)
-        else:
-            def part(x: State) -> State:
-                return model.force(x, batch)
-
-            def part_at(x: State, force: State) -> State:
-                return force
-        part_at_fixed_point, J_transpose = linearize(part, equilibrium.state)
+        force_and_part = _force_and_part(model, batch)
+        linearised = model.nonconservative if isinstance(model, DeclaresNonconservative) else model.force
+        part_at_fixed_point, J_transpose = linearize(lambda x: linearised(x, batch), equilibrium.state)
         clip = self.config.clip
 
-        def correction(x: State, force: State, nudged_force: State) -> State:
-            v = sub(x, equilibrium.state)
-            Jv = sub(part_at(x, force), part_at_fixed_point)
-            term = sub(J_transpose(v), Jv)
-            if clip is not None:
-                # On the device: a host comparison here would make every nudged step wait for the GPU.
-                limit, size = clip * norm(nudged_force), norm(term)
-                term = scale(term, torch.where(size > limit, limit / size, torch.ones_like(size)))
-            return term
+        def nudged(beta: float) -> Field:
+            def field(x: State) -> State:
+                force, part = force_and_part(x)
+                nudged = nudged_force(model, batch, x, force, beta)
+                v = sub(x, equilibrium.state)
+                Jv = sub(part, part_at_fixed_point)
+                correction = sub(J_transpose(v), Jv)
+                if clip is not None:
+                    # On the device: a host comparison here would make every nudged step wait for the GPU.
+                    limit, size = clip * norm(nudged), norm(correction)
+                    correction = scale(correction, torch.where(size > limit, limit / size, torch.ones_like(size)))
+                return add(nudged, correction)
+            return field
 
-        return correction
+        return nudged
 
     def estimate(self, model, batch: Batch, *, generator: torch.Generator) -> GradientEstimate:
         cfg = self.config
         equilibrium = free_phase(model, batch)
-        correction = self.antisymmetric_correction(model, batch, equilibrium)
         a = contrast(model, batch, equilibrium, beta=cfg.beta, steps=cfg.T2, centered=cfg.centered,
-                     correction=correction)
+                     nudged=self.nudged_fields(model, batch, equilibrium))
         nudged_steps = cfg.T2 * (2 if cfg.centered else 1)
         return GradientEstimate(
             grads=force_pairing(model, batch, equilibrium.state, a),
@@ -127,3 +124,17 @@ class AEP:
             stats=AEPStats(vjp_evals=nudged_steps),
         )
 
+
+
+def _force_and_part(model, batch: Batch) -> Callable[[State], tuple[State, State]]:
+    """x ↦ (F(x), P(x)), P the part aep linearises: N where the model declares it (from F's own evaluation where
+    it splits its force), else F itself."""
+    if isinstance(model, SplitsForce):
+        return lambda x: model.split_force(x, batch)
+    if isinstance(model, DeclaresNonconservative):
+        return lambda x: (model.force(x, batch), model.nonconservative(x, batch))
+
+    def whole(x: State) -> tuple[State, State]:
+        force = model.force(x, batch)
+        return force, force
+    return whole

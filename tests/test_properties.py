@@ -273,14 +273,21 @@ def test_only_the_broken_rule_fails():
      r"cosine 1\.000000, rel error 0\.5000 > 0\.01, norm ratio 0\.5000 \(\|1 − ratio\| > 0\.01\)"),
     ("normalised", "cost_scaling", r"gradient of (4|0\.25)·C is not"),
 ])
-def test_kit_names_the_check_a_broken_estimator_fails(flaw, check, message):
+def test_kit_names_the_check_a_broken_estimator_fails(flaw, check, message, shrink=False):
+    # Unshrunk: shrinking costs 15-35 s a flaw and does not change which check fails; the test below shrinks.
     estimator = type(flaw.title().replace(" ", "").replace(".", ""), (Flawed,), {"flaw": flaw})
     with pytest.raises(ConformanceError) as caught:
-        check_estimator(estimator, examples=4, checks=[check], models=small_toys)
+        check_estimator(estimator, examples=4, checks=[check], models=small_toys, shrink=shrink)
     failed = {r.name: r for r in caught.value.report.failures}
     assert check in failed, caught.value.report
     assert re.search(message, failed[check].message), failed[check].message
-    assert "Draw 1 (problem): make_toy_problem(" in failed[check].message  # Hypothesis's shrunk example
+    assert "Draw 1 (problem): make_toy_problem(" in failed[check].message  # Hypothesis's falsifying example
+
+
+def test_a_shrunk_failure_still_names_the_check_and_its_example():
+    """The default run shrinks the failing example before reporting it."""
+    test_kit_names_the_check_a_broken_estimator_fails("non-finite", "finite_gradients", r"'U' has 1 non-finite",
+                                                      shrink=True)
 
 
 def test_report_is_a_value_when_asked_and_expected_failures_are_xfail():

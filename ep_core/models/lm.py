@@ -262,7 +262,7 @@ class LM(nn.Module):
     def force(self, state: State, batch: Batch) -> State:
         (z,) = state
         terms = self._terms(batch)
-        linear = torch.addcmul(terms[INPUT], z, terms[DECAY])
+        linear = self._conservative_force(z, terms)
         if not self.config.s:
             return (linear,)
         return (torch.addmm(linear.reshape(-1, z.shape[-1]), self.mix(z, terms[PROJECTIONS]),
@@ -278,7 +278,11 @@ class LM(nn.Module):
         (z,) = state
         terms = self._terms(batch)
         part = self._attention_part(z, terms)
-        return (torch.addcmul(terms[INPUT], z, terms[DECAY]).add_(part),), (part,)
+        return (self._conservative_force(z, terms).add_(part),), (part,)
+
+    def _conservative_force(self, z: torch.Tensor, terms: Batch) -> torch.Tensor:
+        """x_in − (1 + s·c)·z, the decay folded into one buffer."""
+        return torch.addcmul(terms[INPUT], z, terms[DECAY])
 
     def _attention_part(self, z: torch.Tensor, terms: Batch) -> torch.Tensor:
         if not self.config.s:

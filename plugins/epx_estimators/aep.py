@@ -91,9 +91,8 @@ class AEP:
         J is the Jacobian of the model's non-conservative part when it declares one, else of the whole force; a
         model that computes N inside F (:class:`SplitsForce`) gives both from one evaluation.
         """
-        force_and_part = _force_and_part(model, batch)
-        linearised = model.nonconservative if isinstance(model, DeclaresNonconservative) else model.force
-        part_at_fixed_point, J_transpose = linearize(lambda x: linearised(x, batch), equilibrium.state)
+        force_and_part, part_only = _force_and_part(model, batch)
+        part_at_fixed_point, J_transpose = linearize(part_only, equilibrium.state)
         clip = self.config.clip
 
         def nudged(beta: float) -> Field:
@@ -126,15 +125,17 @@ class AEP:
 
 
 
-def _force_and_part(model, batch: Batch) -> Callable[[State], tuple[State, State]]:
-    """x ↦ (F(x), P(x)), P the part aep linearises: N where the model declares it (from F's own evaluation where
-    it splits its force), else F itself."""
-    if isinstance(model, SplitsForce):
-        return lambda x: model.split_force(x, batch)
-    if isinstance(model, DeclaresNonconservative):
-        return lambda x: (model.force(x, batch), model.nonconservative(x, batch))
+def _force_and_part(model, batch: Batch) -> tuple[Callable[[State], tuple[State, State]], Callable[[State], State]]:
+    """(x ↦ (F(x), P(x)), x ↦ P(x)), P the part aep linearises: N where the model declares it (from F's own
+    evaluation where it splits its force), else F itself."""
+    if not isinstance(model, DeclaresNonconservative):
+        def whole(x: State) -> tuple[State, State]:
+            force = model.force(x, batch)
+            return force, force
+        return whole, lambda x: model.force(x, batch)
 
-    def whole(x: State) -> tuple[State, State]:
-        force = model.force(x, batch)
-        return force, force
-    return whole
+    def part(x: State) -> State:
+        return model.nonconservative(x, batch)
+    if isinstance(model, SplitsForce):
+        return (lambda x: model.split_force(x, batch)), part
+    return (lambda x: (model.force(x, batch), part(x))), part

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import environment_for, extract  # noqa: E402  (a sibling script, not a package)
+from startup import PYTHON, environment_for, extract  # noqa: E402  (a sibling script, not a package)
 
 from ep_core.files import write_atomic  # noqa: E402
 
@@ -32,7 +32,7 @@ SLOWER = 1.05
 
 def compare(model: str, env: dict[str, str] | None, repeats: int) -> dict[str, float]:
     """{estimator: median ms per gradient} of one `epx compare` on ``model``."""
-    command = [sys.executable, "-m", "epx_cli", "compare", *ESTIMATORS, "--model", model, *PROBLEMS[model],
+    command = [*PYTHON, "-m", "epx_cli", "compare", *ESTIMATORS, "--model", model, *PROBLEMS[model],
                "--repeats", str(repeats), "--json"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:

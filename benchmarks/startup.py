@@ -5,7 +5,9 @@ imported at all.
 
 The baseline's tree is extracted with `git archive` into a temporary directory and run with the same interpreter
 and site-packages: its packages come first on PYTHONPATH, and a metadata directory there gives its own entry
-points (those of its pyproject.toml and of its example plugin), so each side loads its own plugins. Runs of the two
+points (those of its pyproject.toml and of its example plugin), so each side loads its own plugins. Python runs
+with -P: otherwise the working directory comes first on sys.path and a run from the checkout imports the
+checkout's ep_core under the baseline's plugins (before 2026-12-03 both benchmarks did). Runs of the two
 alternate, so that a change in the machine's load falls on both; the report is the median wall time of each command
 and the ratio baseline / now. `-X importtime` tells whether torch was imported.
 """
@@ -52,13 +54,29 @@ def environment_for(tree: Path, site: Path) -> dict[str, str]:
                  for group, entries in groups.items()]
         (info / "entry_points.txt").write_text("\n".join(lines))
         paths += [str(tree / root) for root in roots]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "EPX_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "EPX_THREADS": "1"}
+    check_isolated(env, tree)
+    return env
+
+
+PYTHON = (sys.executable, "-P")
+"""-P keeps the working directory off sys.path, so that PYTHONPATH decides which tree's packages load."""
+MODULES = ("ep_core", "epx_estimators", "epx_cli", "epx_phantom")
+
+
+def check_isolated(env: dict[str, str], tree: Path) -> None:
+    """Exit unless every package of the project loads from ``tree`` under ``env``."""
+    probe = "import importlib, sys; print('\\n'.join(importlib.import_module(m).__file__ for m in sys.argv[1:]))"
+    done = subprocess.run([*PYTHON, "-c", probe, *MODULES], env=env, capture_output=True, text=True)
+    outside = [line for line in done.stdout.splitlines() if not Path(line).resolve().is_relative_to(tree.resolve())]
+    if done.returncode != 0 or outside:
+        raise SystemExit(f"the baseline's packages do not all load from {tree}: {outside or done.stderr[-1000:]}")
 
 
 def run(args: list[str], env: dict[str, str]) -> tuple[float, bool]:
     """(wall seconds, whether torch was imported) of one `python -m epx_cli ARGS`."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "epx_cli", *args], env=env,
+    result = subprocess.run([*PYTHON, "-X", "importtime", "-m", "epx_cli", *args], env=env,
                             capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:

@@ -40,8 +40,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, Equilibrium, ForceHomogeneous,
-                               GradientEstimate, SplitsForce, State, StacksKnobs, StacksNudge, StacksStepSize)
+from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, DifferentiatesCost, Equilibrium,
+                               ForceHomogeneous, GradientEstimate, SplitsForce, State, StacksKnobs, StacksNudge,
+                               StacksStepSize)
 
 PROBLEMS = "problems"
 """The stack's submodule holding the stacked parameters and buffers: its names are the members' under this prefix."""
@@ -151,11 +152,12 @@ class Stacked(nn.Module):
     def _weighted(self, costs: torch.Tensor) -> torch.Tensor:
         return costs.sum() if self._cost_weights is None else (costs * self._cost_weights).sum()
 
-    def _scaled(self, parts: State) -> State:
-        """v_i times member i's part of a force."""
-        if self._force_weights is None:
+    def _scaled(self, parts: State, weights: torch.Tensor | None = None) -> State:
+        """v_i (or ``weights``' i-th entry) times member i's part of a force."""
+        weights = self._force_weights if weights is None else weights
+        if weights is None:
             return parts
-        return tuple(part * self._force_weights.view(-1, *(1,) * (part.dim() - 1)) for part in parts)
+        return tuple(part * weights.view(-1, *(1,) * (part.dim() - 1)) for part in parts)
 
 
 class _Nonconservative:
@@ -171,6 +173,13 @@ class _SplitsForce(_Nonconservative):
         return self._scaled(forces), self._scaled(parts)
 
 
+class _CostGradient:
+    def cost_gradient(self, state: State, batch: Batch) -> State:
+        """w_i ∇C_i, the gradient of the stack's cost Σ_i w_i C_i, from each member's own."""
+        return self._scaled(self._each(lambda model, x, b: model.cost_gradient(x, b), state, batch),
+                            self._cost_weights)
+
+
 class _ParameterTerms:
     def parameter_term_inputs(self) -> Batch:
         """The members' own, stacked: the stack's parameters are theirs (:meth:`Stacked.load`), and what these
@@ -184,11 +193,13 @@ class _ParameterTerms:
 @functools.cache
 def _stacked_class(model_type: type) -> type[Stacked]:
     """Stacked with the optional members the members' type declares, so that the stack satisfies the same
-    protocols (:class:`DeclaresNonconservative`, :class:`SplitsForce`, :class:`CachesParameterTerms`) and estimators
+    protocols (:class:`DeclaresNonconservative`, :class:`SplitsForce`, :class:`CachesParameterTerms`,
+    :class:`DifferentiatesCost`) and estimators
     treat it alike."""
     nonconservative = _SplitsForce if issubclass(model_type, SplitsForce) else _Nonconservative
     mixins = [mixin for protocol, mixin in ((DeclaresNonconservative, nonconservative),
-                                            (CachesParameterTerms, _ParameterTerms))
+                                            (CachesParameterTerms, _ParameterTerms),
+                                            (DifferentiatesCost, _CostGradient))
               if issubclass(model_type, protocol)]
     return type(f"Stacked{model_type.__name__}", (*mixins, Stacked), {})
 

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ep_core.errors import ConfigError, DistributedError, UsageError
-from ep_core.protocols import Batch, EquilibriumModel
+from ep_core.protocols import Batch, DifferentiatesCost, EquilibriumModel
 
 DEFAULT_TIMEOUT = 1800.0
 """Seconds a collective waits for the other ranks. A sweep's ranks meet after every round of grid points, so the
@@ -257,7 +257,8 @@ _SHARED_CLASSES: dict[type, type] = {}
 def cost_share(model: Any, share: float) -> Iterator[None]:
     """Within the block, an equilibrium model's cost is ``share`` times its own C; any other model is left as it is
     (module docstring). The model stays the same object, with the same parameters, buffers and identity. Only its
-    class is swapped for a subclass that scales ``cost``, the way torch.nn.utils.parametrize swaps a module's
+    class is swapped for a subclass that scales ``cost`` (and ``cost_gradient``, where the model computes it:
+    :class:`~ep_core.protocols.DifferentiatesCost`), the way torch.nn.utils.parametrize swaps a module's
     class, and it is restored on exit."""
     if share == 1.0 or not isinstance(model, EquilibriumModel):
         yield
@@ -267,8 +268,12 @@ def cost_share(model: Any, share: float) -> Iterator[None]:
         def cost(self: Any, state: Any, batch: Batch) -> torch.Tensor:
             return self.epx_cost_share * original.cost(self, state, batch)
 
-        _SHARED_CLASSES[original] = type(original.__name__, (original,), {"cost": cost,
-                                                                          "__module__": original.__module__})
+        members: dict[str, Any] = {"cost": cost, "__module__": original.__module__}
+        if issubclass(original, DifferentiatesCost):
+            def cost_gradient(self: Any, state: Any, batch: Batch) -> tuple[torch.Tensor, ...]:
+                return tuple(self.epx_cost_share * g for g in original.cost_gradient(self, state, batch))
+            members["cost_gradient"] = cost_gradient
+        _SHARED_CLASSES[original] = type(original.__name__, (original,), members)
     model.epx_cost_share = share
     model.__class__ = _SHARED_CLASSES[original]
     try:

@@ -305,6 +305,16 @@ class SplitsForce(DeclaresNonconservative, Protocol):
 
 
 @runtime_checkable
+class DifferentiatesCost(Protocol):
+    """An equilibrium model that computes g = ∇ₓC(x) itself, equal to reverse mode through ``cost`` (lm: the
+    read-out's softmax and normalisation written out). Every nudged step needs g, and reverse mode pays a graph
+    and autograd's per-call overhead each time: on lm about twice the arithmetic. Called without grad mode; the
+    result is not differentiated."""
+
+    def cost_gradient(self, state: State, batch: Batch) -> State: ...
+
+
+@runtime_checkable
 class Dataset(Protocol):
     """A dataset a registered factory returns: its ``name``, the ``kind`` of model data it serves ("images" or
     "text", as in :class:`DataSpec`), its size and a JSON-ready ``describe()`` for results. Images batch as

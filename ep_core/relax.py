@@ -18,7 +18,7 @@ from typing import NoReturn
 import torch
 
 from ep_core.capture import report
-from ep_core.protocols import Batch, CachesParameterTerms, DivergenceError, Equilibrium, State
+from ep_core.protocols import Batch, CachesParameterTerms, DifferentiatesCost, DivergenceError, Equilibrium, State
 from ep_core.solvers import is_finite as is_finite  # a primitive plugins take from here, with the rest
 from ep_core.solvers import SOLVERS, fixed_steps, iterate
 
@@ -139,8 +139,12 @@ def unrolled_loss(model, batch: Batch) -> torch.Tensor:
 
 
 def cost_gradient(model, batch: Batch, state: State) -> State:
-    """g = ∇ₓC(x). Plain reverse mode on a fresh leaf: it runs every nudged step, where torch.func.grad's
-    per-call transform setup cost 0.29 ms against 0.11 ms for this on cet."""
+    """g = ∇ₓC(x): the model's own where it computes it (:class:`DifferentiatesCost`), else plain reverse mode on a
+    fresh leaf. It runs every nudged step, where torch.func.grad's per-call transform setup cost 0.29 ms against
+    0.11 ms for this on cet."""
+    if isinstance(model, DifferentiatesCost):
+        with torch.no_grad():
+            return model.cost_gradient(state, batch)
     with torch.enable_grad():
         leaves = tuple(t.detach().requires_grad_() for t in state)
         cost = model.cost(leaves, batch)

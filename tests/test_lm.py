@@ -7,12 +7,16 @@ import math
 import pytest
 import torch
 
+from ep_core.batching import stack
 from ep_core.config import ConfigError
+from ep_core.distributed import cost_share
 from ep_core.harness import compare
 from ep_core.models.lm import LM, LMConfig
 from ep_core.plugins import load
-from ep_core.relax import free_phase
+from ep_core.protocols import DifferentiatesCost
+from ep_core.relax import cost_gradient, free_phase
 from ep_core.session import build_batch, build_estimator, build_model, load_data, run_comparison
+from ep_core.testing.conformance import _ScaledCost
 from ep_core.datasets.text import make_text_sample
 
 TINY = {"context": 12, "width": 16, "heads": 2, "vocab": 11}
@@ -87,6 +91,43 @@ def test_readout_norm_makes_the_cost_blind_to_the_scale_of_z():
     assert float(model.cost((z,), batch)) == pytest.approx(float(model.cost((10 * z,), batch)), rel=1e-7)
     plain = tiny_lm(readout_norm=False)
     assert float(plain.cost((z,), batch)) != pytest.approx(float(plain.cost((10 * z,), batch)), rel=1e-3)
+
+
+def _reverse_mode_cost_gradient(model, batch, z: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    leaf = z.detach().requires_grad_()
+    return torch.autograd.grad(factor * model.cost((leaf,), batch), leaf)[0]
+
+
+@pytest.mark.parametrize("readout_norm", [True, False])
+def test_the_written_out_cost_gradient_is_reverse_mode_through_the_cost(readout_norm):
+    model = tiny_lm(readout_norm=readout_norm)
+    batch = token_batch(model)
+    z = torch.randn(3, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    expected = _reverse_mode_cost_gradient(model, batch, z)
+    (analytic,) = cost_gradient(model, batch, (z,))
+    assert float((analytic - expected).norm() / expected.norm()) <= 1e-13
+    assert isinstance(model, DifferentiatesCost) and not analytic.requires_grad
+
+
+def test_the_cost_gradient_of_a_stack_a_cost_share_and_a_scaled_cost_follow_their_costs():
+    """Every wrapper that changes C changes g = ∇ₓC with it: the stack's weighted sum of its members' costs, a
+    distributed rank's share of the cost, the conformance kit's k·C."""
+    models = [tiny_lm(seed) for seed in (0, 1)]
+    batches = [token_batch(m, seed) for seed, m in enumerate(models)]
+    stacked = stack(models, nudge_ratios=[1.0, 0.25])
+    stacked_batch = stacked.batch(batches)
+    z = torch.randn(2, 3, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    expected = _reverse_mode_cost_gradient(stacked, stacked_batch, z)
+    (analytic,) = cost_gradient(stacked, stacked_batch, (z,))
+    assert isinstance(stacked, DifferentiatesCost) and float(expected[1].norm()) > 0
+    assert float((analytic - expected).norm() / expected.norm()) <= 1e-13
+    model, batch, z = models[0], batches[0], z[0]
+    plain = _reverse_mode_cost_gradient(model, batch, z)
+    with cost_share(model, 0.25):
+        (shared,) = cost_gradient(model, batch, (z,))
+    assert torch.allclose(shared, 0.25 * plain, rtol=1e-12, atol=0)
+    (scaled,) = cost_gradient(_ScaledCost(model, 4.0), batch, (z,))
+    assert torch.allclose(scaled, 4.0 * plain, rtol=1e-12, atol=0)
 
 
 def test_embeddings_are_fixed_buffers_unless_learned():

@@ -252,9 +252,14 @@ class LM(nn.Module):
 
     def logits(self, state: State) -> torch.Tensor:
         (z,) = state
-        if self.config.readout_norm:
-            z = z * torch.rsqrt(z.pow(2).mean(dim=-1, keepdim=True) + READOUT_NORM_EPS)
-        return z @ self.W_head
+        return self._readout_input(z)[0] @ self.W_head
+
+    def _readout_input(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n(z) = z·r, r = (mean(z²) + eps)^(−1/2)) with the read-out's normalisation, (z, None) without."""
+        if not self.config.readout_norm:
+            return z, None
+        r = torch.rsqrt(z.pow(2).mean(dim=-1, keepdim=True) + READOUT_NORM_EPS)
+        return z * r, r
 
     def init_state(self, batch: Batch) -> State:
         return (self.embed(batch),)
@@ -291,6 +296,26 @@ class LM(nn.Module):
 
     def project(self, state: State) -> State:
         return state
+
+    def cost_gradient(self, state: State, batch: Batch) -> State:
+        """∇_z C written out (:class:`~ep_core.protocols.DifferentiatesCost`). With p = softmax(logits) and y the
+        one-hot targets over the M = B·T positions, ∂C/∂logits = (p − y)/M, so g_n = (p − y)·W_headᵀ/M. The
+        normalisation n = z·r, r = (mean(z²) + eps)^(−1/2), has the symmetric Jacobian r·(I − n·nᵀ/C), so
+
+            g_z = r·(g_n − n·mean(n ⊙ g_n)),
+
+        or g_z = g_n without it."""
+        (z,) = state
+        n, r = self._readout_input(z)
+        targets = batch["targets"].reshape(-1, 1)
+        vocabulary = torch.arange(self.W_head.shape[1], device=z.device)
+        # y as a comparison, not a scatter: a scatter has no vmap batching rule, and a stack vmaps this.
+        probabilities = torch.softmax((n @ self.W_head).reshape(targets.shape[0], -1), dim=-1)
+        residual = probabilities.sub_((targets == vocabulary).to(probabilities.dtype))
+        g_n = (residual @ self.W_head.T).view_as(z).div_(targets.shape[0])
+        if r is None:
+            return (g_n,)
+        return (g_n.sub_(n * (n * g_n).mean(dim=-1, keepdim=True)).mul_(r),)
 
     def cost(self, state: State, batch: Batch) -> torch.Tensor:
         logits = self.logits(state)

@@ -83,6 +83,7 @@ from ep_core.config import Config
 from ep_core.harness import CONVERGED_TOL, gradient_metrics, init_state
 from ep_core.protocols import (Batch, Batchable, EpxError, GradientEstimate, StacksNudge, StacksStepSize,
                                StatefulEstimator)
+from ep_core.relax import cost_gradient, scale
 from ep_core.testing import strategies
 
 SUITE_VERSION = 5
@@ -384,6 +385,9 @@ class _ScaledCost:
 
     def cost(self, state: Any, batch: Batch) -> torch.Tensor:
         return self._factor * self._model.cost(state, batch)
+
+    def cost_gradient(self, state: Any, batch: Batch) -> Any:
+        return scale(cost_gradient(self._model, batch, state), self._factor)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         return self._factor * self._model.loss(batch)

@@ -5,8 +5,9 @@
 
 Problems: lm at seed 002's settings (T1=120, β=0.02, T2=20, aep clip 1; the lm defaults otherwise) and cet's
 defaults, seed 0, on their default data. For each estimator and mode (eager; captured on CUDA) the median of
-``repeats`` timed estimates after a warm-up (the harness's :func:`ep_core.harness.measure`), and the estimate's
-cosine to the eager one.
+``repeats`` timed estimates after a warm-up, and the estimate's cosine to the eager one. Eager estimates and
+their floors are timed by turns, one of each at a time, so that a shared CPU's changing pace falls on both;
+captured ones are the harness's replays (:func:`ep_core.harness.measure`), timed before their floor.
 
 The floor of an estimate is the same work stripped to its arithmetic: as many bare steps x ← Π(x + εF(x)) and
 evaluations of the non-conservative part N as the estimate made (counted by the harness) — those of the nudged
@@ -32,12 +33,13 @@ from typing import Any
 
 import torch
 
-from ep_core.capture import with_parameter_terms
+from ep_core.capture import eager_estimate, with_parameter_terms
 from ep_core.files import write_atomic
 from ep_core.harness import environment, gradient_metrics, measure
 from ep_core.plugins import load
 from ep_core.protocols import DeclaresNonconservative
 from ep_core.relax import add, cost_gradient, linearize, relaxation_map, step
+from ep_core.seeding import ESTIMATOR_STREAM, generator
 from ep_core.session import build_problem
 
 PROBLEMS = {
@@ -50,20 +52,23 @@ BOUND = {"cuda": 1.5, "cpu": 1.3}
 COSINE_TOL = 1e-5
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median ms of ``repeats`` calls of ``fn`` after two untimed ones (device synchronised around each)."""
-    for _ in range(2):
-        fn()
-    times = []
+def timed(functions: list[Callable[[], Any]], device: torch.device, repeats: int) -> list[float]:
+    """Median ms of ``repeats`` calls of each of ``functions``, after two untimed ones, the calls taking turns so
+    that a change in the machine's speed falls on all of them (device synchronised around each)."""
+    for fn in functions:
+        for _ in range(2):
+            fn()
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+        for fn, spent in zip(functions, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            spent.append(1000 * (time.perf_counter() - start))
+    return [statistics.median(spent) for spent in times]
 
 
 def floor_work(model, batch, calls: dict[str, int], nudged: int, vjps: int, vjp_of: str) -> Callable[[], None]:
@@ -90,6 +95,11 @@ def floor_work(model, batch, calls: dict[str, int], nudged: int, vjps: int, vjp_
                 for _ in range(vjps):
                     u = transpose(u)
     return work
+
+
+def estimating(estimator, model, batch, device: torch.device) -> Callable[[], None]:
+    """One eager estimate with seed 0's estimator generator, as the harness runs it."""
+    return lambda: eager_estimate(estimator, model, batch, generator=generator(0, ESTIMATOR_STREAM, device))
 
 
 def captured(work: Callable[[], None], device: torch.device) -> Callable[[], None]:
@@ -119,8 +129,10 @@ def run(models: list[str], device_name: str, repeats: int) -> dict[str, Any]:
         for label, estimator in problem.estimators.items():
             eager = None
             for mode in modes:
-                m = measure(estimator, problem.model, batch, seed=0, repeats=repeats, warmup=2,
-                            eager=mode == "eager")
+                # Eagerly, the estimate is timed here, by turns with its floor; captured, a replay needs the
+                # harness's graph, and the GPU's pace does not drift as a shared CPU's does.
+                m = measure(estimator, problem.model, batch, seed=0, repeats=1 if mode == "eager" else repeats,
+                            warmup=2, eager=mode == "eager")
                 eager = eager or m.estimate
                 forces = m.calls.get("force", 0) + m.calls.get("nonconservative", 0)
                 vjps = m.estimate.stats.to_dict().get("vjp_evals", problem.model.dynamics.T1 if label == "bptt" else 0)
@@ -129,8 +141,10 @@ def run(models: list[str], device_name: str, repeats: int) -> dict[str, Any]:
                 cfg = estimator.config.to_dict()
                 nudged = cfg["T2"] * (2 if cfg["centered"] else 1) if label in ("ep", "aep") else 0
                 work = floor_work(problem.model, batch, m.calls, nudged, vjps, vjp_of)
-                floor = timed(work if mode == "eager" else captured(work, device), device, repeats)
-                ms = statistics.median(m.ms)
+                if mode == "eager":
+                    ms, floor = timed([estimating(estimator, problem.model, batch, device), work], device, repeats)
+                else:
+                    ms, floor = statistics.median(m.ms), timed([captured(work, device)], device, repeats)[0]
                 cosine = gradient_metrics(m.estimate.grads, eager.grads, problem.model.parameter_groups())["cosine"]
                 rows.append({"model": model_name, "estimator": label, "mode": m.mode, "ms": ms, "floor_ms": floor,
                              "x_floor": ms / floor, "force_evals": forces, "vjp_evals": vjps,

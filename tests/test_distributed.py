@@ -23,7 +23,7 @@ from ep_core.harness import init_state
 from ep_core.plugins import load
 from ep_core.session import build_problem
 
-TIMING = ("ms", "ms_median", "environment", "peak_memory_bytes")
+TIMING = ("ms", "ms_median", "environment", "peak_memory_bytes", "shared_measurement")
 ENV = {**os.environ, "EPX_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 

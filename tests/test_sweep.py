@@ -147,9 +147,66 @@ def _without_timings(record):
     if record["status"] != "ok":
         return record
     comparison = {k: v for k, v in record["comparison"].items() if k not in ("environment", "group")}
-    comparison["results"] = [{k: v for k, v in r.items() if k not in ("ms", "ms_median")}
+    comparison["results"] = [{k: v for k, v in r.items() if k not in ("ms", "ms_median", "shared_measurement")}
                              for r in comparison["results"]]
     return {**record, "comparison": comparison}
+
+
+def test_grid_points_that_differ_only_in_the_estimators_settings_measure_the_reference_once(monkeypatch):
+    """β and T2 do not change bptt's problem: it is measured once per seed and model, its rows say so, and every
+    record equals the one of a point run alone."""
+    from ep_core.bptt import BPTT
+
+    estimated = []
+    original = BPTT.estimate
+
+    def counted(self, model, batch, **kwargs):
+        estimated.append(type(model).__name__)
+        return original(self, model, batch, **kwargs)
+    monkeypatch.setattr(BPTT, "estimate", counted)
+    spec = _toy_spec(vary=("model.coupling=0.2,0.5", "beta=0.01,0.001", "aep.T2=50,100"), settings={},
+                     repeats=2)
+    sweep = run_sweep(load(), spec)
+    runs_per_measurement = 1 + 2  # the counted first estimate and the timed ones (warm-up 1)
+    assert len(sweep.records) == 16 and len(estimated) == 2 * 2 * runs_per_measurement   # coupling × seed
+    shared = [record["comparison"]["results"][0]["shared_measurement"] for record in sweep.records]
+    assert shared == [False, False] + [True] * 6 + [False, False] + [True] * 6
+    for record in sweep.records[2:8]:
+        first = sweep.records[record["seed"]]["comparison"]["results"][0]
+        assert record["comparison"]["results"][0]["ms"] == first["ms"]
+    alone = run_sweep(load(), _toy_spec(vary=("model.coupling=0.5",), settings={"beta": "0.001", "aep.T2": "100"},
+                                        repeats=2))
+    by_id = {(r["values"]["model.coupling"], r["seed"]): r for r in sweep.records
+             if r["values"]["beta"] == "0.001" and r["values"]["aep.T2"] == "100"}
+    for record in alone.records:
+        mine = by_id[(record["values"]["model.coupling"], record["seed"])]
+        assert [r["metrics"] for r in mine["comparison"]["results"]] == [
+            r["metrics"] for r in record["comparison"]["results"]]
+
+
+def test_a_problem_whose_model_or_batch_differs_is_not_taken_for_a_known_one():
+    from ep_core.harness import ReferenceCache, _Problem
+    from ep_core.bptt import BPTT
+    from ep_core.models.toy import Toy, ToyConfig
+
+    def toy(seed):
+        return Toy(ToyConfig(), generator=torch.Generator().manual_seed(seed))
+    model = toy(0)
+    batch = model.make_batch(3, generator=torch.Generator().manual_seed(1))
+    cache = ReferenceCache(size=2)
+    cache.add(_Problem.of(BPTT(), model, batch, seed=0), "measured")
+    assert cache.find(_Problem.of(BPTT(), toy(0), dict(batch), seed=0)) == "measured"
+    assert cache.find(_Problem.of(BPTT(), toy(1), batch, seed=0)) is None                  # other parameters
+    assert cache.find(_Problem.of(BPTT(), model, {**batch, "inputs": batch["inputs"] + 1e-6}, seed=0)) is None
+    assert cache.find(_Problem.of(BPTT(), model, batch, seed=1)) is None
+    assert cache.find(_Problem.of(BPTT(), toy(0).double(), {k: v.double() if v.is_floating_point() else v
+                                                             for k, v in batch.items()}, seed=0)) is None
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)                                              # changed in place
+    assert cache.find(_Problem.of(BPTT(), model, batch, seed=0)) is None
+    cache.add(_Problem.of(BPTT(), toy(2), batch, seed=0), "second")
+    cache.add(_Problem.of(BPTT(), toy(3), batch, seed=0), "third")
+    assert cache.find(_Problem.of(BPTT(), toy(0), batch, seed=0)) is None                   # only the last 2 kept
 
 
 def test_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path):

@@ -178,7 +178,8 @@ def comparison_table(data: dict[str, Any]) -> Table:
         metrics = row["metrics"]
         mark = doubtful and row["label"] != data["reference"]
         table.add_row(
-            row["label"] + (" (ref)" if row["label"] == data["reference"] else ""),
+            row["label"] + (" (ref)" if row["label"] == data["reference"] else "")
+            + (" (measured once for an earlier, identical problem)" if row.get("shared_measurement") else ""),
             fmt_cosine(metrics["cosine"], doubtful=mark),
             *(fmt_cosine(metrics["groups"].get(g), doubtful=mark) for g in groups),
             fmt_number(metrics["rel_error"], ".3g"),

@@ -159,6 +159,36 @@ def test_cli_reference_documents_every_option():
                     assert f"`{flag}" in reference, f"docs/cli.md does not document {command.name} {flag}"
 
 
+def test_check_model_passes_the_reference_models_and_names_a_broken_promise(epx, monkeypatch):
+    ok = epx("check", "--model", "lm", "--model", "cet", "--data", "sample", "--json")
+    assert ok.exit_code == 0, ok.stderr
+    reports = {r["estimator"]: {c["name"]: c["status"] for c in r["results"]} for r in json.loads(ok.stdout)}
+    assert reports["lm"]["cost_gradient"] == reports["lm"]["split_force"] == reports["lm"]["gradient_part"] == "passed"
+    assert reports["cet"]["cost_gradient"] == "skipped" and reports["cet"]["split_force"] == "passed"
+
+    from ep_core.models.toy import Toy
+    from ep_core.plugins import hookimpl, load
+
+    class Hiding(Toy):
+        """Declares no non-conservative part while its coupling has one."""
+
+        def nonconservative(self, state, batch):
+            return tuple(torch.zeros_like(t) for t in state)
+
+    class Plugin:
+        @hookimpl
+        def register_models(self, register):
+            register("hiding", Hiding)
+
+    monkeypatch.setattr(cli_main, "registry", lambda: load(plugins=[("hiding", Plugin())]))
+    broken = epx("check", "--model", "hiding", "--model-set", "conservative=false")
+    assert broken.exit_code == 3 and "the contract is not met by: hiding" in broken.stderr
+    assert "gradient_part" in broken.stdout and "not a gradient field" in broken.stdout.replace("\n", "")
+    assert epx("check", "--model", "resmlp", "--data", "sample").exit_code == 2
+    nothing = epx("check")
+    assert nothing.exit_code == 2 and "name an estimator to check, or a model with --model" in nothing.stderr
+
+
 def test_check_passes_builtins_and_fails_a_broken_estimator(epx, monkeypatch):
     ok = epx("check", "adjoint", "bptt", "--examples", "2", "--json")
     assert ok.exit_code == 0, ok.stderr

@@ -545,9 +545,19 @@ STATUS_STYLE = {"passed": "green", "failed": "bold red", "xfail": "yellow", "xpa
 
 
 @cli.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Check the estimators with this option (as in compare: beta=0.01 or aep.clip=1).")
+@click.option("--model", "-m", "models", multiple=True, metavar="MODEL",
+              help="Check this model's declared protocols instead (ep_core.testing.check_model; repeatable), in "
+                   "float64 on a batch of its data.")
+@click.option("--model-set", "model_settings", multiple=True, metavar="KEY=VALUE",
+              help="Model option for --model, e.g. s=0.5.")
+@click.option("--data", default="auto", show_default=True,
+              help="Dataset of --model's batch; 'sample' needs no files (see `epx list datasets`).")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Where to look for --model's data first.")
+@click.option("--no-download", is_flag=True, help="Never try to download data.")
 @click.option("--examples", default=10, show_default=True, type=click.IntRange(min=1),
               help="Random problems per check.")
 @click.option("--check", "checks", multiple=True, metavar="CHECK", help="Run only this check (repeatable).")
@@ -555,21 +565,26 @@ STATUS_STYLE = {"passed": "green", "failed": "bold red", "xfail": "yellow", "xpa
               help="Pin the suite version: failures of newer checks, and of assertions added to a check since, are "
                    "warnings. Default: the latest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON instead of tables.")
-def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, checks: tuple[str, ...],
-          suite: int | None, as_json: bool) -> None:
-    """Run the conformance suite (ep_core.testing.check_estimator) on the estimators NAMES, without pytest.
+def check(names: tuple[str, ...], settings: tuple[str, ...], models: tuple[str, ...],
+          model_settings: tuple[str, ...], data: str, data_dir: str | None, no_download: bool, examples: int,
+          checks: tuple[str, ...], suite: int | None, as_json: bool) -> None:
+    """Run the conformance suite (ep_core.testing.check_estimator) on the estimators NAMES, without pytest; with
+    --model, the model checks (ep_core.testing.check_model) on each model.
 
     Every named check is listed with its status and time; a failure shows the violated rule and the (shrunk)
-    problem Hypothesis found. Exit 0 when every estimator meets the contract, 3 when one does not.
+    problem Hypothesis found. Exit 0 when every estimator and model meets the contract, 3 when one does not.
 
     \b
     epx check ep aep adjoint
     epx check aep --set clip=1 --examples 25
+    epx check --model lm --model cet --data sample
     """
     use_torch()
     from ep_core.session import build_estimators, parse_settings
     from ep_core.testing import CHECK_NAMES, SUITE_VERSION, check_estimator
 
+    if not names and not models:
+        raise click.UsageError("name an estimator to check, or a model with --model")
     if suite is not None and suite > SUITE_VERSION:
         raise ConfigError("--suite", f"{suite} is not a suite version; valid: 1 to {SUITE_VERSION} (the latest)")
 
@@ -577,29 +592,51 @@ def check(names: tuple[str, ...], settings: tuple[str, ...], examples: int, chec
     if unknown:
         raise ConfigError("check", f"unknown check(s) {unknown}; valid: {', '.join(CHECK_NAMES)}")
     reg = registry()
-    estimators = build_estimators(reg, names, parse_settings(settings, "--set"))
-    reports = []
+    estimators = build_estimators(reg, names, parse_settings(settings, "--set")) if names else {}
+    reports = [("model checks", model_report(reg, name, parse_settings(model_settings, "--model-set"), data=data,
+                                             data_dir=data_dir, download=not no_download)) for name in models]
     log = UnitLog("check")
     for done, (name, estimator) in enumerate(estimators.items()):
         log.start(name, done, len(estimators))
         with err.status(f"checking {name}: {len(checks) or len(CHECK_NAMES)} checks × {examples} problems"):
-            reports.append(check_estimator(estimator, examples=examples, checks=checks or None, suite=suite,
-                                           raise_on_failure=False))
+            report = check_estimator(estimator, examples=examples, checks=checks or None, suite=suite,
+                                     raise_on_failure=False)
+            reports.append((f"epx conformance suite {report.suite}", report))
     log.finish()
     if as_json:
-        click.echo(json.dumps([r.to_json() for r in reports], indent=2))
-    for report in reports if not as_json else []:
-        table = Table(title=f"{report.estimator}: epx conformance suite {report.suite}", title_justify="left",
-                      header_style="bold")
+        click.echo(json.dumps([r.to_json() for _, r in reports], indent=2))
+    for kind, report in reports if not as_json else []:
+        table = Table(title=f"{report.estimator}: {kind}", title_justify="left", header_style="bold")
         for column in ("check", "status", "seconds", "detail"):
             table.add_column(column, overflow="fold")
         for result in report.results:
             table.add_row(result.name, Text(result.status, style=STATUS_STYLE[result.status]),
                           f"{result.seconds:.2f}", result.message)
         out.print(table)
-    failed = [r.estimator for r in reports if not r.passed]
+    failed = [r.estimator for _, r in reports if not r.passed]
     if failed:
         raise ThresholdError(f"the contract is not met by: {', '.join(failed)}")
+
+
+def model_report(reg: Registry, name: str, settings: dict[str, str], *, data: str, data_dir: str | None,
+                 download: bool) -> Any:
+    """ep_core.testing.check_model's report on the model ``name``, in float64, on seed 0's batch of its data."""
+    import torch
+
+    from ep_core.protocols import EquilibriumModel
+    from ep_core.session import build_batch, build_model, model_data
+    from ep_core.testing import check_model
+
+    dataset = model_data(reg, reg.get("model", name).factory, data, settings, data_dir=data_dir, download=download,
+                         warn=lambda message: err.print(f"[yellow]warning:[/] {message}"))
+    model = build_model(reg, name, settings, dtype=torch.float64, dataset=dataset)
+    if not isinstance(model, EquilibriumModel):
+        raise ConfigError("model", f"{name} has no fixed point, and check_model checks the protocols of equilibrium "
+                                   "models")
+    with err.status(f"checking model {name}"):
+        report = check_model(model, build_batch(model, dataset).batch, raise_on_failure=False)
+    report.estimator = name
+    return report
 
 
 def _add_commands() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ep_core.batching import stack
 from ep_core.models.cet import CET, CETConfig
 from ep_core.models.lm import LM, OUTPUT, LMConfig
 from ep_core.models.resmlp import ResMLP, ResMLPConfig
@@ -62,6 +63,20 @@ def test_cet_and_the_toy_keep_theirs_and_skip_what_they_do_not_declare():
     found = statuses(check_model(model, toy_batch(model)))
     assert found == {**dict.fromkeys(MODEL_CHECK_NAMES, "skipped"), "shapes": "passed", "projection": "passed",
                      "gradient_part": "passed"}
+
+
+def test_stacks_keep_their_members_promises_with_weighted_forces_and_costs():
+    """A stack answers for its members (ep_core.batching): v_i F_i, v_i N_i, w_i ∇C_i."""
+    members = [LM(LMConfig(**{**vars(TINY_LM), "eps": eps}), generator=torch.Generator().manual_seed(seed)).double()
+               for seed, eps in ((0, 0.1), (1, 0.05))]
+    stacked = stack(members, nudge_ratios=[1.0, 0.25])
+    assert stacked.step_ratios == [1.0, 0.5]
+    found = statuses(check_model(stacked, stacked.batch([token_batch(m) for m in members])))
+    assert found == dict.fromkeys(MODEL_CHECK_NAMES, "passed")
+    members = [small_cet(), small_cet()]
+    stacked = stack(members)
+    found = statuses(check_model(stacked, stacked.batch([image_batch(m) for m in members])))
+    assert found == {**dict.fromkeys(MODEL_CHECK_NAMES, "passed"), "cost_gradient": "skipped"}
 
 
 class ForgetsTheNormalisation(LM):

@@ -608,8 +608,11 @@ class CheckResult:
 @dataclass
 class ConformanceReport:
     estimator: str
+    """The estimator's name, or the model's for :func:`ep_core.testing.check_model`."""
     suite: int
     results: list[CheckResult] = field(default_factory=list)
+    title: str = ""
+    """What was checked, for the report's first line; empty: the conformance suite."""
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -620,7 +623,7 @@ class ConformanceReport:
         return not self.failures
 
     def __str__(self) -> str:
-        lines = [f"epx conformance suite {self.suite} for {self.estimator}:"]
+        lines = [f"{self.title or f'epx conformance suite {self.suite}'} for {self.estimator}:"]
         for r in self.results:
             lines.append(f"  {r.name:30} {r.status:8} {r.seconds:6.2f} s" + (f"  {r.message}" if r.message else ""))
         return "\n".join(lines)

@@ -37,6 +37,7 @@ from ep_core.testing.conformance import CheckResult, ConformanceError, Conforman
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 """Relative tolerance of the equalities, by the model's dtype (others: float32's)."""
 PERTURBATION = 0.1
+TITLE = "epx model checks"
 PROJECTION_TOLERANCE = 1e-6
 """A normalisation's ε makes Π only nearly idempotent (cet's token norm: 3.5e-9 in float64)."""
 
@@ -50,7 +51,7 @@ def check_model(model: torch.nn.Module, batch: Batch, *, seed: int = 0,
                         "project and cost")
     states = _states(model, batch, seed)
     tol = TOLERANCE.get(states[0][0].dtype, TOLERANCE[torch.float32])
-    report = ConformanceReport(estimator=type(model).__name__, suite=SUITE_VERSION)
+    report = ConformanceReport(estimator=type(model).__name__, suite=SUITE_VERSION, title=TITLE)
     for name, applies, check in _CHECKS:
         started = time.perf_counter()
         if not applies(model):

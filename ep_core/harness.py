@@ -214,8 +214,8 @@ class Result:
     """"captured" when the timed estimates were replays of a CUDA graph, "stacked" when the graph held the
     stack of a group of problems (:mod:`ep_core.batching`), else "eager"."""
     shared_measurement: bool = False
-    """True when this reference row was measured once for an earlier problem that is the same computation
-    (:class:`ReferenceCache`): its gradients are this problem's exactly, its times are that measurement's."""
+    """True when this row was measured once for an earlier problem that is the same computation
+    (:class:`MeasurementCache`): its gradients are this problem's exactly, its times are that measurement's."""
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -322,8 +322,9 @@ def _end_state(estimate: GradientEstimate) -> State | None:
 
 @dataclass
 class _Problem:
-    """What a reference's estimate depends on, kept to recognise the same computation: the estimator's type and
-    configuration, the model's type, configuration, parameters and buffers, the batch and the seed."""
+    """What an estimate depends on, kept to recognise the same computation: the estimator's type and
+    configuration, the model's type, configuration, parameters and buffers (``tensors``, with the batch), and the
+    seed."""
 
     estimator: tuple[type, Any]
     model: tuple[type, Any]
@@ -331,10 +332,12 @@ class _Problem:
     seed: int
 
     @classmethod
-    def of(cls, estimator: Any, model: Any, batch: Batch, seed: int) -> _Problem:
-        tensors = {f"model.{name}": t.detach().clone() for name, t in model.state_dict().items()}
-        tensors |= {f"batch.{key}": value.detach().clone() for key, value in batch.items()}
-        return cls((type(estimator), estimator.config), (type(model), model.config), tensors, seed)
+    def of(cls, estimator: Any, model: Any, batch: Batch, seed: int,
+           tensors: dict[str, torch.Tensor] | None = None) -> _Problem:
+        """``tensors``: a snapshot of the model and batch already taken (:func:`_snapshot`), shared by the
+        estimators of one case."""
+        return cls((type(estimator), estimator.config), (type(model), model.config),
+                   _snapshot(model, batch) if tensors is None else tensors, seed)
 
     def same(self, other: _Problem) -> bool:
         return (self.estimator == other.estimator and self.model == other.model and self.seed == other.seed
@@ -342,19 +345,24 @@ class _Problem:
                 and all(_identical(t, other.tensors[name]) for name, t in self.tensors.items()))
 
 
+def _snapshot(model: Any, batch: Batch) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{name}": t.detach().clone() for name, t in model.state_dict().items()}
+    return tensors | {f"batch.{key}": value.detach().clone() for key, value in batch.items()}
+
+
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
 
 
-class ReferenceCache:
-    """Reference measurements kept across comparisons, so that problems whose reference estimate is the same
-    computation measure it once: a sweep's grid points that differ only in the compared estimators' own settings
-    (β, T2, clip) rebuild the same model from the same seed and draw the same batch, and bptt on it is the same
-    work each time. Sameness is checked on the tensors and configurations themselves (:class:`_Problem`), not
-    inferred from the settings; estimators with state (:class:`~ep_core.protocols.StatefulEstimator`) are never
-    shared. Holds the last ``size`` problems."""
+class MeasurementCache:
+    """Measurements kept across comparisons, so that an estimate that is the same computation is measured once: a
+    sweep's grid points rebuild the same model from the same seed and draw the same batch, so the reference is the
+    same work at points that differ only in the compared estimators' settings (β, T2, clip), and so is ep where
+    only ``aep.T2`` varies. Sameness is checked on the configurations and tensors themselves (:class:`_Problem`),
+    not inferred from the settings; estimators with state (:class:`~ep_core.protocols.StatefulEstimator`) are
+    never shared. Holds the last ``size`` problems."""
 
-    def __init__(self, size: int = 32):
+    def __init__(self, size: int = 64):
         self.size = size
         self._entries: list[tuple[_Problem, Measurement]] = []
 
@@ -365,17 +373,19 @@ class ReferenceCache:
         self._entries = [*self._entries, (problem, measurement)][-self.size:]
 
 
-def _reference_measurements(cases: Sequence[Case], reference: str, references: ReferenceCache, *, repeats: int,
-                            warmup: int, eager: bool, stacking: bool | None) -> tuple[list[Measurement], list[bool]]:
-    """The reference's measurement of each case, and whether it was shared: the cases whose problem is in
-    ``references``, or repeats one of these cases, take that measurement; the others are measured together."""
-    problems = [None if isinstance(case.estimators[reference], StatefulEstimator)
-                else _Problem.of(case.estimators[reference], case.model, case.batch, case.seed) for case in cases]
+def _cached_measurements(cases: Sequence[Case], label: str, cache: MeasurementCache,
+                         snapshots: Sequence[dict[str, torch.Tensor]], *, repeats: int, warmup: int, eager: bool,
+                         stacking: bool | None) -> tuple[list[Measurement], list[bool]]:
+    """The measurement of estimator ``label`` on each case, and whether it was shared: the cases whose problem is
+    in ``cache``, or repeats one of these cases, take that measurement; the others are measured together."""
+    problems = [None if isinstance(case.estimators[label], StatefulEstimator)
+                else _Problem.of(case.estimators[label], case.model, case.batch, case.seed, snapshot)
+                for case, snapshot in zip(cases, snapshots)]
     found: dict[int, Measurement] = {}
     twin_of: dict[int, int] = {}
     fresh: list[int] = []
     for index, problem in enumerate(problems):
-        if problem is not None and (known := references.find(problem)) is not None:
+        if problem is not None and (known := cache.find(problem)) is not None:
             found[index] = known
             continue
         twin = next((j for j in fresh if problem is not None and problems[j] is not None and problems[j].same(problem)),
@@ -385,13 +395,13 @@ def _reference_measurements(cases: Sequence[Case], reference: str, references: R
         else:
             twin_of[index] = twin
     if fresh:
-        new = measure_group([(cases[i].estimators[reference], cases[i].model) for i in fresh],
+        new = measure_group([(cases[i].estimators[label], cases[i].model) for i in fresh],
                             [cases[i].batch for i in fresh], seeds=[cases[i].seed for i in fresh], repeats=repeats,
                             warmup=warmup, eager=eager, stacking=stacking)
         for index, measurement in zip(fresh, new):
             found[index] = measurement
             if problems[index] is not None:
-                references.add(problems[index], measurement)
+                cache.add(problems[index], measurement)
     for index, twin in twin_of.items():
         found[index] = found[twin]
     return [found[index] for index in range(len(cases))], [index not in fresh for index in range(len(cases))]
@@ -429,13 +439,13 @@ class Case:
 def compare_cases(cases: Sequence[Case], labels: Sequence[str], *, reference: str, repeats: int = 3,
                   warmup: int = 1, converged_tol: float = CONVERGED_TOL, stability_iterations: int = 30,
                   progress: Progress | None = None, eager: bool = False,
-                  stacking: bool | None = None, references: ReferenceCache | None = None) -> list[Comparison]:
+                  stacking: bool | None = None, cache: MeasurementCache | None = None) -> list[Comparison]:
     """:func:`compare` on each of ``cases`` (seeds, grid points), each estimator measured on all of them together
     (:func:`measure_group`: on CUDA one graph whose problems run side by side). One :class:`Comparison` per case,
     whose numbers are those it would have alone; with several cases its ``group`` says how many were timed
-    together, since each row's times are then the whole group's. With ``references``, the reference is measured
-    once per distinct problem, across these cases and earlier calls (:class:`ReferenceCache`), and a row that
-    reuses a measurement says so (``Result.shared_measurement``)."""
+    together, since each row's times are then the whole group's. With ``cache``, each estimator is measured once
+    per distinct problem, across these cases and earlier calls (:class:`MeasurementCache`), and a row that reuses
+    a measurement says so (``Result.shared_measurement``)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not cases:
@@ -446,20 +456,21 @@ def compare_cases(cases: Sequence[Case], labels: Sequence[str], *, reference: st
             init_state(estimator, case.model, seed=case.seed)
     order = [reference, *labels]
     measured: dict[str, list[Measurement]] = {}
-    shared = [False] * len(cases)
+    shared: dict[str, list[bool]] = {label: [False] * len(cases) for label in order}
+    snapshots = [_snapshot(case.model, case.batch) for case in cases] if cache is not None else []
     for done, label in enumerate(order):
         if progress:
             progress(label, done, total)
-        if label == reference and references is not None:
-            measured[label], shared = _reference_measurements(cases, label, references, repeats=repeats,
-                                                              warmup=warmup, eager=eager, stacking=stacking)
+        if cache is not None:
+            measured[label], shared[label] = _cached_measurements(cases, label, cache, snapshots, repeats=repeats,
+                                                                  warmup=warmup, eager=eager, stacking=stacking)
             continue
         measured[label] = measure_group([(case.estimators[label], case.model) for case in cases],
                                         [case.batch for case in cases], seeds=[case.seed for case in cases],
                                         repeats=repeats, warmup=warmup, eager=eager, stacking=stacking)
     comparisons = [_comparison(case, index, order, measured, reference=reference, repeats=repeats, warmup=warmup,
                                converged_tol=converged_tol, stability_iterations=stability_iterations,
-                               group=len(cases), shared_reference=shared[index])
+                               group=len(cases), shared={label: flags[index] for label, flags in shared.items()})
                    for index, case in enumerate(cases)]
     if progress:
         progress("done", total, total)
@@ -468,7 +479,7 @@ def compare_cases(cases: Sequence[Case], labels: Sequence[str], *, reference: st
 
 def _comparison(case: Case, index: int, order: Sequence[str], measured: Mapping[str, list[Measurement]], *,
                 reference: str, repeats: int, warmup: int, converged_tol: float, stability_iterations: int,
-                group: int, shared_reference: bool = False) -> Comparison:
+                group: int, shared: Mapping[str, bool] | None = None) -> Comparison:
     model, batch, seed = case.model, case.batch, case.seed
     groups = model.parameter_groups()
     ref_grads = measured[reference][index].estimate.grads
@@ -477,7 +488,7 @@ def _comparison(case: Case, index: int, order: Sequence[str], measured: Mapping[
         m = measured[label][index]
         results.append(_result(label, case.estimators[label], m, gradient_metrics(m.estimate.grads, ref_grads,
                                                                                     groups), converged_tol,
-                               shared=shared_reference and label == reference))
+                               shared=bool(shared and shared[label])))
         fixed_points[label] = _end_state(m.estimate)
     for result in results:
         mine = fixed_points[result.label]
@@ -503,7 +514,8 @@ def _comparison(case: Case, index: int, order: Sequence[str], measured: Mapping[
             "environment": environment()}
     if group > 1:
         info["group"] = {"size": group, "note": "each row's ms are the time of all the group's problems together"}
-        if (timed_with := measured[reference][index].group_size) != group:
-            info["group"]["reference_size"] = timed_with
-            info["group"]["note"] += f"; the reference's, of the {timed_with} distinct ones among them"
+        fewer = {label: m[index].group_size for label, m in measured.items() if m[index].group_size != group}
+        if fewer:
+            info["group"]["sizes"] = fewer
+            info["group"]["note"] += "; those in 'sizes', of the distinct problems among them"
     return Comparison(meta={**case.meta, **info}, reference=reference, results=results)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ep_core.config import ConfigError, suggest
-from ep_core.harness import Case, Comparison, Progress, ReferenceCache, compare_cases
+from ep_core.harness import Case, Comparison, MeasurementCache, Progress, compare_cases
 from ep_core.plugins import Registry
 from ep_core.protocols import Batch, DataSpec, Dataset, EquilibriumModel, Model, SyntheticData
 from ep_core.seeding import DATA_STREAM, INIT_STREAM, MASK_STREAM, check_seed, generator
@@ -420,13 +420,13 @@ def run_problem_comparisons(registry: Registry, estimators: Sequence[str], model
                             warn: Callable[[str], None] | None = None, progress: Progress | None = None,
                             dataset: Any | None = None, eager: bool = False,
                             stacking: bool | None = None,
-                            references: ReferenceCache | None = None) -> list[Comparison]:
+                            cache: MeasurementCache | None = None) -> list[Comparison]:
     """:func:`run_comparisons` over (estimator settings, model settings, seed) ``problems``: a sweep's grid points
     and their seeds, measured together. Problems that differ only in knobs the model reads from buffers
     (:class:`~ep_core.protocols.StacksKnobs`, lm's and cet's s and c), in a nudge the estimator stacks
     (:class:`~ep_core.protocols.StacksNudge`, ep's and aep's β) or in the model's step size ε where the estimator
-    scales with the force (:class:`~ep_core.protocols.ForceHomogeneous`) can run stacked. ``references`` keeps the
-    reference's measurements for later calls (:class:`~ep_core.harness.ReferenceCache`)."""
+    scales with the force (:class:`~ep_core.protocols.ForceHomogeneous`) can run stacked. ``cache`` keeps the
+    measurements for later calls (:class:`~ep_core.harness.MeasurementCache`)."""
     if not problems:
         raise ConfigError("seeds", "give at least one seed")
     labels = [label for label in dict.fromkeys(estimators) if label != reference]
@@ -441,4 +441,4 @@ def run_problem_comparisons(registry: Registry, estimators: Sequence[str], model
         cases.append(Case(model=problem.model, batch=prepared.batch, seed=seed, estimators=problem.estimators,
                           meta=problem.describe(prepared)))
     return compare_cases(cases, labels, reference=reference, repeats=repeats, progress=progress, eager=eager,
-                         stacking=stacking, references=references)
+                         stacking=stacking, cache=cache)

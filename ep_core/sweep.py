@@ -28,7 +28,7 @@ from ep_core.config import ConfigError, suggest
 from ep_core.distributed import ONE_PROCESS, World
 from ep_core.errors import DistributedError, EpxError, ResumeError, UsageError
 from ep_core.files import read_json, require, write_atomic
-from ep_core.harness import Progress, ReferenceCache
+from ep_core.harness import MeasurementCache, Progress
 from ep_core.plugins import Registry
 from ep_core.protocols import StacksKnobs, StacksNudge, StacksStepSize
 from ep_core.seeding import check_seed
@@ -264,9 +264,10 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
     graph per estimator that runs them side by side or stacked; ``eager``: no CUDA graphs), each with the numbers it
     has alone; on CUDA, so are the grid points that differ only in knobs the model or the estimators stack (lm's
     and cet's s and c, the models' ε where every estimator scales with the force, ep's and aep's β:
-    :func:`_stacked_axes`), and ``out`` is written after each such group. The reference is measured once per
-    distinct problem (:class:`~ep_core.harness.ReferenceCache`): grid points that differ only in the compared
-    estimators' settings share it, and their records say so (``shared_measurement``).
+    :func:`_stacked_axes`), and ``out`` is written after each such group. Each estimator is measured once per
+    distinct problem (:class:`~ep_core.harness.MeasurementCache`): grid points that differ only in the compared
+    estimators' settings share the reference, and those that differ only in another estimator's settings share
+    an estimator; the records say so (``shared_measurement``).
     ``on_point(index, total, point)`` is called before a point's pending seeds run on this rank (with the first of
     them), ``on_record(index, total, record, resumed)`` for each seed after its round, in grid order, with its record
     (``resumed``: it was already in ``out``)."""
@@ -296,7 +297,7 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
             dataset = model_data(registry, model_class, spec.data, spec.model_settings, data_dir=data_dir,
                                  download=download, warn=warn)
 
-    references = ReferenceCache()
+    cache = MeasurementCache()
 
     def measured(pending: list[Point]) -> list[dict[str, Any]]:
         """The records of one grid point's pending seeds, measured together; when the group fails, each seed
@@ -306,7 +307,7 @@ def run_sweep(registry: Registry, spec: SweepSpec, *, out: Path | None = None, d
                 registry, [spec.reference, *labels], spec.model, reference=spec.reference,
                 problems=[(*_point_settings(spec, axes, p), p.seed) for p in pending], data=spec.data,
                 batch_size=spec.batch_size, dtype=spec.dtype, device=device, repeats=spec.repeats,
-                dataset=dataset, progress=progress, eager=eager, references=references)
+                dataset=dataset, progress=progress, eager=eager, cache=cache)
         except (UsageError, DistributedError):
             raise  # not this point's failure: the options are wrong, or the job is ending
         except EpxError as exc:

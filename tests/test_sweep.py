@@ -152,25 +152,34 @@ def _without_timings(record):
     return {**record, "comparison": comparison}
 
 
-def test_grid_points_that_differ_only_in_the_estimators_settings_measure_the_reference_once(monkeypatch):
-    """β and T2 do not change bptt's problem: it is measured once per seed and model, its rows say so, and every
-    record equals the one of a point run alone."""
+def test_an_estimate_that_is_the_same_computation_at_several_grid_points_is_measured_once(monkeypatch):
+    """β and T2 do not change bptt's problem, nor does aep.T2 ep's: bptt is measured once per seed and coupling, ep
+    once per seed, coupling and β; their rows say so, and every record equals the one of a point run alone."""
     from ep_core.bptt import BPTT
 
-    estimated = []
-    original = BPTT.estimate
+    estimated = {"bptt": 0, "ep": 0}
+    originals = {"bptt": BPTT.estimate, "ep": EP.estimate}
 
-    def counted(self, model, batch, **kwargs):
-        estimated.append(type(model).__name__)
-        return original(self, model, batch, **kwargs)
-    monkeypatch.setattr(BPTT, "estimate", counted)
+    def counting(name):
+        def counted(self, model, batch, **kwargs):
+            estimated[name] += 1
+            return originals[name](self, model, batch, **kwargs)
+        return counted
+    monkeypatch.setattr(BPTT, "estimate", counting("bptt"))
+    monkeypatch.setattr(EP, "estimate", counting("ep"))
     spec = _toy_spec(vary=("model.coupling=0.2,0.5", "beta=0.01,0.001", "aep.T2=50,100"), settings={},
                      repeats=2)
     sweep = run_sweep(load(), spec)
     runs_per_measurement = 1 + 2  # the counted first estimate and the timed ones (warm-up 1)
-    assert len(sweep.records) == 16 and len(estimated) == 2 * 2 * runs_per_measurement   # coupling × seed
-    shared = [record["comparison"]["results"][0]["shared_measurement"] for record in sweep.records]
-    assert shared == [False, False] + [True] * 6 + [False, False] + [True] * 6
+    assert len(sweep.records) == 16
+    assert estimated == {"bptt": 2 * 2 * runs_per_measurement, "ep": 2 * 2 * 2 * runs_per_measurement}
+
+    def shared(label):
+        return [next(r for r in record["comparison"]["results"] if r["label"] == label)["shared_measurement"]
+                for record in sweep.records]
+    assert shared("bptt") == [False, False] + [True] * 6 + [False, False] + [True] * 6
+    assert shared("ep") == [False, False, True, True] * 4        # the second aep.T2 of each β
+    assert not any(shared("aep"))
     for record in sweep.records[2:8]:
         first = sweep.records[record["seed"]]["comparison"]["results"][0]
         assert record["comparison"]["results"][0]["ms"] == first["ms"]
@@ -185,7 +194,7 @@ def test_grid_points_that_differ_only_in_the_estimators_settings_measure_the_ref
 
 
 def test_a_problem_whose_model_or_batch_differs_is_not_taken_for_a_known_one():
-    from ep_core.harness import ReferenceCache, _Problem
+    from ep_core.harness import MeasurementCache, _Problem
     from ep_core.bptt import BPTT
     from ep_core.models.toy import Toy, ToyConfig
 
@@ -193,7 +202,7 @@ def test_a_problem_whose_model_or_batch_differs_is_not_taken_for_a_known_one():
         return Toy(ToyConfig(), generator=torch.Generator().manual_seed(seed))
     model = toy(0)
     batch = model.make_batch(3, generator=torch.Generator().manual_seed(1))
-    cache = ReferenceCache(size=2)
+    cache = MeasurementCache(size=2)
     cache.add(_Problem.of(BPTT(), model, batch, seed=0), "measured")
     assert cache.find(_Problem.of(BPTT(), toy(0), dict(batch), seed=0)) == "measured"
     assert cache.find(_Problem.of(BPTT(), toy(1), batch, seed=0)) is None                  # other parameters

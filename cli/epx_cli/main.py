@@ -593,27 +593,26 @@ def check(names: tuple[str, ...], settings: tuple[str, ...], models: tuple[str, 
         raise ConfigError("check", f"unknown check(s) {unknown}; valid: {', '.join(CHECK_NAMES)}")
     reg = registry()
     estimators = build_estimators(reg, names, parse_settings(settings, "--set")) if names else {}
-    reports = [("model checks", model_report(reg, name, parse_settings(model_settings, "--model-set"), data=data,
-                                             data_dir=data_dir, download=not no_download)) for name in models]
+    reports = [model_report(reg, name, parse_settings(model_settings, "--model-set"), data=data, data_dir=data_dir,
+                            download=not no_download) for name in models]
     log = UnitLog("check")
     for done, (name, estimator) in enumerate(estimators.items()):
         log.start(name, done, len(estimators))
         with err.status(f"checking {name}: {len(checks) or len(CHECK_NAMES)} checks × {examples} problems"):
-            report = check_estimator(estimator, examples=examples, checks=checks or None, suite=suite,
-                                     raise_on_failure=False)
-            reports.append((f"epx conformance suite {report.suite}", report))
+            reports.append(check_estimator(estimator, examples=examples, checks=checks or None, suite=suite,
+                                           raise_on_failure=False))
     log.finish()
     if as_json:
-        click.echo(json.dumps([r.to_json() for _, r in reports], indent=2))
-    for kind, report in reports if not as_json else []:
-        table = Table(title=f"{report.estimator}: {kind}", title_justify="left", header_style="bold")
+        click.echo(json.dumps([r.to_json() for r in reports], indent=2))
+    for report in reports if not as_json else []:
+        table = Table(title=f"{report.estimator}: {report.heading}", title_justify="left", header_style="bold")
         for column in ("check", "status", "seconds", "detail"):
             table.add_column(column, overflow="fold")
         for result in report.results:
             table.add_row(result.name, Text(result.status, style=STATUS_STYLE[result.status]),
                           f"{result.seconds:.2f}", result.message)
         out.print(table)
-    failed = [r.estimator for _, r in reports if not r.passed]
+    failed = [r.estimator for r in reports if not r.passed]
     if failed:
         raise ThresholdError(f"the contract is not met by: {', '.join(failed)}")
 

@@ -622,14 +622,18 @@ class ConformanceReport:
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def heading(self) -> str:
+        return self.title or f"epx conformance suite {self.suite}"
+
     def __str__(self) -> str:
-        lines = [f"{self.title or f'epx conformance suite {self.suite}'} for {self.estimator}:"]
+        lines = [f"{self.heading} for {self.estimator}:"]
         for r in self.results:
             lines.append(f"  {r.name:30} {r.status:8} {r.seconds:6.2f} s" + (f"  {r.message}" if r.message else ""))
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"estimator": self.estimator, "suite": self.suite, "passed": self.passed,
+        return {"estimator": self.estimator, "suite": self.suite, "title": self.heading, "passed": self.passed,
                 "results": [vars(r) for r in self.results]}
 
 

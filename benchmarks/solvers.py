@@ -10,8 +10,9 @@ gradient with solver=anderson (tol 1e-6) against the plain T1 = 120, T2 = 20, ti
 each), and each one's relative error to aep's gradient at convergence (float64, Anderson at tol 1e-10, same
 parameters and batch), with the resolution float32 has for the nudged displacement, ε₃₂·‖x*‖ / ‖x⁺ − x*‖: a
 tolerance below it cannot be reached; and the plain run (T1 = 120) with the smallest T2 of 40, 80, ..., 640 whose
-gradient is as close to the converged one as Anderson's, timed with them: the cost of the same accuracy. Exits 3 unless the distance is at most 1e-8, Anderson needs at least 3×
-fewer evaluations, the gradients agree to 1e-6 and the anderson aep costs at most half the plain one.
+gradient is as close to the converged one as Anderson's, timed with them: the cost of the same accuracy. Exits 3
+unless the distance is at most 1e-8, Anderson needs at least 3× fewer evaluations, the gradients agree to 1e-6
+and the anderson aep costs at most half the plain one.
 """
 
 from __future__ import annotations

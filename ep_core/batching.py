@@ -152,12 +152,9 @@ class Stacked(nn.Module):
     def _weighted(self, costs: torch.Tensor) -> torch.Tensor:
         return costs.sum() if self._cost_weights is None else (costs * self._cost_weights).sum()
 
-    def _scaled(self, parts: State, weights: torch.Tensor | None = None) -> State:
-        """v_i (or ``weights``' i-th entry) times member i's part of a force."""
-        weights = self._force_weights if weights is None else weights
-        if weights is None:
-            return parts
-        return tuple(part * weights.view(-1, *(1,) * (part.dim() - 1)) for part in parts)
+    def _scaled(self, parts: State) -> State:
+        """v_i times member i's part of a force."""
+        return _per_member(parts, self._force_weights)
 
 
 class _Nonconservative:
@@ -176,8 +173,7 @@ class _SplitsForce(_Nonconservative):
 class _CostGradient:
     def cost_gradient(self, state: State, batch: Batch) -> State:
         """w_i ∇C_i, the gradient of the stack's cost Σ_i w_i C_i, from each member's own."""
-        return self._scaled(self._each(lambda model, x, b: model.cost_gradient(x, b), state, batch),
-                            self._cost_weights)
+        return _per_member(self._each(lambda model, x, b: model.cost_gradient(x, b), state, batch), self._cost_weights)
 
 
 class _ParameterTerms:
@@ -253,6 +249,13 @@ def stacks_step_size(estimator: Any) -> bool:
 def step_ratios(models: Sequence[nn.Module]) -> list[float] | None:
     """v_i = ε_i/ε₀, the members' step sizes relative to the first one's; None when they share it."""
     return _ratios([model.dynamics.eps for model in models])
+
+
+def _per_member(parts: State, weights: torch.Tensor | None) -> State:
+    """Member i's part of each state tensor (problem axis first) times ``weights[i]``; None: unchanged."""
+    if weights is None:
+        return parts
+    return tuple(part * weights.view(-1, *(1,) * (part.dim() - 1)) for part in parts)
 
 
 def _products(first: Sequence[float] | None, second: Sequence[float] | None) -> list[float] | None:

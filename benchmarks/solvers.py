@@ -119,13 +119,15 @@ def main() -> int:
             row[f"{estimator}_rel_error"] = gradient_metrics(measured.estimate.grads, exact.grads,
                                                              plain.parameter_groups())["rel_error"]
             row[f"{estimator}_anderson_force_evals"] = measured.calls["force"]
+            row[f"{estimator}_anderson_conservative_evals"] = measured.calls.get("conservative", 0)
         report[name] = row
         fewer = needed is not None and needed >= 3 * accelerated.steps
         ok &= distance <= 1e-8 and fewer and row["ep_rel_error"] <= 1e-6 and row["aep_rel_error"] <= 1e-6
         print(f"{name} ({data.name}), float64, tol 1e-10: distance to 2000 plain steps {distance:.2e}; Anderson "
               f"{accelerated.steps} evaluations, plain {needed} steps to the same residual; gradient rel error "
               f"ep {row['ep_rel_error']:.2e} ({row['ep_anderson_force_evals']} force evals), aep "
-              f"{row['aep_rel_error']:.2e} ({row['aep_anderson_force_evals']} force evals)")
+              f"{row['aep_rel_error']:.2e} ({row['aep_anderson_force_evals']} force evals, "
+              f"{row['aep_anderson_conservative_evals']} of −∇E alone)")
 
     timing = report["lm_float32_aep_ms"] = float32_wall_time(registry, args.repeats)
     median, errors, matched = timing["median"], timing["rel_error_to_converged"], timing["plain_same_error"]

@@ -11,7 +11,8 @@ captured ones are the harness's replays (:func:`ep_core.harness.measure`), timed
 
 The floor of an estimate is the same work stripped to its arithmetic: as many bare steps x ← Π(x + εF(x)) and
 evaluations of the non-conservative part N as the estimate made (counted by the harness) — those of the nudged
-phases with the nudge −β∇ₓC(x) in their force, as the nudged force is F − β∇ₓC — then as many
+phases with the nudge −β∇ₓC(x) in their force, as the nudged force is F − β∇ₓC, and with −∇E = F − N in place
+of F where the estimate's nudged steps evaluated that alone (uncapped aep on lm and cet) — then as many
 applications of a cached vjp as the estimate applied (its ``vjp_evals``: of N for aep, of G for adjoint; bptt:
 one of G per unrolled step, its backward pass), timed in the same run and the same mode (captured as one CUDA
 graph on CUDA). "× floor" is the estimate's median over the
@@ -72,18 +73,24 @@ def timed(functions: list[Callable[[], Any]], device: torch.device, repeats: int
 
 
 def floor_work(model, batch, calls: dict[str, int], nudged: int, vjps: int, vjp_of: str) -> Callable[[], None]:
-    """The estimate's evaluations, bare: ``calls["force"]`` relaxation steps from init_state, ``nudged`` of them
-    with the nudge −β∇ₓC added (a nudged step's force), ``calls["nonconservative"]`` evaluations of N, then
-    ``vjps`` applications of a cached vjp of ``vjp_of`` (N, F or G) at the end point."""
+    """The estimate's evaluations, bare: ``calls["force"]`` relaxation steps from init_state, ``nudged`` steps with
+    the nudge −β∇ₓC added (a nudged step's force): the ``calls["conservative"]`` steps of −∇E = F − N, where the
+    nudged steps evaluate that instead of F (aep, :class:`~ep_core.protocols.DeclaresConservative`), and the first
+    of the force steps for the rest; then ``calls["nonconservative"]`` evaluations of N, and ``vjps`` applications
+    of a cached vjp of ``vjp_of`` (N, F or G) at the end point."""
+    conservative = calls.get("conservative", 0)
+
     def work() -> None:
         terms = with_parameter_terms(model, batch)
         with torch.no_grad():
             x = model.init_state(terms)
             for k in range(calls.get("force", 0)):
                 force = model.force(x, terms)
-                if k < nudged:
+                if k < nudged - conservative:
                     force = add(force, cost_gradient(model, terms, x), -0.01)
                 x = step(model, terms, x, force)
+            for _ in range(conservative):
+                x = step(model, terms, x, add(model.conservative(x, terms), cost_gradient(model, terms, x), -0.01))
             for _ in range(calls.get("nonconservative", 0)):
                 model.nonconservative(x, terms)
         if vjps:
@@ -148,6 +155,7 @@ def run(models: list[str], device_name: str, repeats: int) -> dict[str, Any]:
                 cosine = gradient_metrics(m.estimate.grads, eager.grads, problem.model.parameter_groups())["cosine"]
                 rows.append({"model": model_name, "estimator": label, "mode": m.mode, "ms": ms, "floor_ms": floor,
                              "x_floor": ms / floor, "force_evals": forces, "vjp_evals": vjps,
+                             "conservative_evals": m.calls.get("conservative", 0),
                              "cosine_to_eager": cosine, "peak_memory_bytes": m.peak_memory_bytes})
                 print(f"{model_name:4} {label:8} {m.mode:9} {ms:9.2f} ms  floor {floor:9.2f} ms  "
                       f"{ms / floor:5.2f}×  cos→eager {cosine:.8f}", file=sys.stderr, flush=True)
@@ -170,6 +178,12 @@ def failures(result: dict[str, Any]) -> list[str]:
     return found
 
 
+def evaluations(row: dict[str, Any]) -> str:
+    """F (and N) evaluations, and those of −∇E alone where the nudged steps took that instead."""
+    conservative = row.get("conservative_evals", 0)
+    return f"{row['force_evals']}" + (f" + {conservative} of −∇E" if conservative else "")
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| device | model | estimator | mode | ms/grad | floor ms | × floor | F evals | vjps | cos to eager |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -178,7 +192,7 @@ def table(results: list[dict[str, Any]]) -> str:
                                           else f", {result['threads']} thread(s)")
         for row in result["rows"]:
             lines.append(f"| {device} | {row['model']} | {row['estimator']} | {row['mode']} | {row['ms']:.2f} | "
-                         f"{row['floor_ms']:.2f} | {row['x_floor']:.2f} | {row['force_evals']} | "
+                         f"{row['floor_ms']:.2f} | {row['x_floor']:.2f} | {evaluations(row)} | "
                          f"{row['vjp_evals']} | {row['cosine_to_eager']:.7f} |")
     return "\n".join(lines)
 

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, DifferentiatesCost, Equilibrium,
-                               ForceHomogeneous, GradientEstimate, SplitsForce, State, StacksKnobs, StacksNudge,
-                               StacksStepSize)
+from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresConservative, DeclaresNonconservative,
+                               DifferentiatesCost, Equilibrium, ForceHomogeneous, GradientEstimate, SplitsForce, State,
+                               StacksKnobs, StacksNudge, StacksStepSize)
 
 PROBLEMS = "problems"
 """The stack's submodule holding the stacked parameters and buffers: its names are the members' under this prefix."""
@@ -170,6 +170,12 @@ class _SplitsForce(_Nonconservative):
         return self._scaled(forces), self._scaled(parts)
 
 
+class _Conservative:
+    def conservative(self, state: State, batch: Batch) -> State:
+        """v_i (F_i − N_i), the stack's gradient part, from each member's own."""
+        return self._scaled(self._each(lambda model, x, b: model.conservative(x, b), state, batch))
+
+
 class _CostGradient:
     def cost_gradient(self, state: State, batch: Batch) -> State:
         """w_i ∇C_i, the gradient of the stack's cost Σ_i w_i C_i, from each member's own."""
@@ -189,11 +195,11 @@ class _ParameterTerms:
 @functools.cache
 def _stacked_class(model_type: type) -> type[Stacked]:
     """Stacked with the optional members the members' type declares, so that the stack satisfies the same
-    protocols (:class:`DeclaresNonconservative`, :class:`SplitsForce`, :class:`CachesParameterTerms`,
-    :class:`DifferentiatesCost`) and estimators
-    treat it alike."""
+    protocols (:class:`DeclaresNonconservative`, :class:`SplitsForce`, :class:`DeclaresConservative`,
+    :class:`CachesParameterTerms`, :class:`DifferentiatesCost`) and estimators treat it alike."""
     nonconservative = _SplitsForce if issubclass(model_type, SplitsForce) else _Nonconservative
     mixins = [mixin for protocol, mixin in ((DeclaresNonconservative, nonconservative),
+                                            (DeclaresConservative, _Conservative),
                                             (CachesParameterTerms, _ParameterTerms),
                                             (DifferentiatesCost, _CostGradient))
               if issubclass(model_type, protocol)]

@@ -91,9 +91,11 @@ def _same(a: GradientEstimate, b: GradientEstimate) -> bool:
     return all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
 
 
-COUNTED = {"force": "force", "split_force": "force", "nonconservative": "nonconservative"}
+COUNTED = {"force": "force", "split_force": "force", "nonconservative": "nonconservative",
+           "conservative": "conservative"}
 """The model methods counted, and the counter each adds to: ``split_force`` is one evaluation of F, N coming with
-it (:class:`~ep_core.protocols.SplitsForce`)."""
+it (:class:`~ep_core.protocols.SplitsForce`); ``conservative`` evaluates F − N alone
+(:class:`~ep_core.protocols.DeclaresConservative`)."""
 
 
 @contextmanager
@@ -278,8 +280,9 @@ def _result(label: str, estimator, measurement: Measurement, metrics: dict[str, 
     residual = equilibrium.residual if equilibrium is not None else None
     stats = ({"T1": equilibrium.steps} if equilibrium is not None else {}) | measurement.estimate.stats.to_dict()
     force_evals = measurement.calls.get("force")
-    if measurement.calls.get("nonconservative"):
-        stats["nonconservative_evals"] = measurement.calls["nonconservative"]
+    for part in ("nonconservative", "conservative"):
+        if measurement.calls.get(part):
+            stats[f"{part}_evals"] = measurement.calls[part]
     return Result(
         label=label,
         estimator=type(estimator).name,

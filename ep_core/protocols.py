@@ -22,10 +22,10 @@ from ep_core.config import Config
 from ep_core.errors import ConfigError, DivergenceError, EpxError, FileFormatError
 
 __all__ = ["Batch", "Batchable", "CachesParameterTerms", "Capturable", "ChoosesBackwardRules", "DataSpec", "Dataset",
-           "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError", "Equilibrium", "EquilibriumModel",
-           "EstimateStats", "Estimator", "ForceHomogeneous", "GradientEstimate", "HasMetrics", "HasTrainingDefaults",
-           "LocalModel", "Model", "NamedState", "ResidualModel", "SplitsForce", "StacksKnobs", "StacksNudge",
-           "StacksStepSize", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
+           "DeclaresConservative", "DeclaresNonconservative", "DivergenceError", "Dynamics", "EpxError", "Equilibrium",
+           "EquilibriumModel", "EstimateStats", "Estimator", "ForceHomogeneous", "GradientEstimate", "HasMetrics",
+           "HasTrainingDefaults", "LocalModel", "Model", "NamedState", "ResidualModel", "SplitsForce", "StacksKnobs",
+           "StacksNudge", "StacksStepSize", "State", "StatefulEstimator", "SyntheticData", "matching_state"]
 
 State = tuple[torch.Tensor, ...]
 Batch = dict[str, torch.Tensor]
@@ -302,6 +302,15 @@ class SplitsForce(DeclaresNonconservative, Protocol):
     returns both from one evaluation, so that aep's nudged step, which needs F(x) and N(x), evaluates N once."""
 
     def split_force(self, state: State, batch: Batch) -> tuple[State, State]: ...
+
+
+@runtime_checkable
+class DeclaresConservative(DeclaresNonconservative, Protocol):
+    """A model that evaluates its gradient part F − N = −∇E without N (lm: x_in − (1 + s·c)·z; cet: all but the
+    attention), so that aep's uncapped nudged field, F(x) − (N(x) − N(x*)) + J_Nᵀv − σβ∇ₓC, written as
+    −∇E(x) + N(x*) + J_Nᵀv − σβ∇ₓC, evaluates no N, and no attention, at a nudged step."""
+
+    def conservative(self, state: State, batch: Batch) -> State: ...
 
 
 @runtime_checkable

@@ -91,6 +91,16 @@ class SplitsWrong(LM):
         return force, (0.5 * part,)
 
 
+class ForgetsTheDecay(LM):
+    """Its gradient part leaves out the damping: aep's uncapped nudged field (−∇E + N(x*) + J_Nᵀv − σβ∇ₓC) would
+    relax to a different point than F's."""
+
+    def conservative(self, state, batch):
+        (z,) = state
+        (part,) = super().conservative(state, batch)
+        return (part + z,)
+
+
 class StaleTerms(LM):
     """Its force without cached terms computes s·κ·W_O differently from its cache (as a cache made before an update
     of W_O would)."""
@@ -124,10 +134,11 @@ def toy_like(cls):
 @pytest.mark.parametrize("make, failed, says", [
     (lambda: lm_like(ForgetsTheNormalisation), "cost_gradient", "cost_gradient against reverse mode through cost"),
     (lambda: lm_like(SplitsWrong), "split_force", "split_force's N against nonconservative"),
+    (lambda: lm_like(ForgetsTheDecay), "conservative", "conservative against force − nonconservative"),
     (lambda: lm_like(StaleTerms), "parameter_terms", "with the cached parameter terms"),
     (lambda: toy_like(HidesItsAsymmetry), "gradient_part", "F − N is not a gradient field"),
     (lambda: toy_like(ShrinksOnEveryProjection), "projection", "Π(Π(x)) against Π(x)"),
-], ids=["cost_gradient", "split_force", "parameter_terms", "gradient_part", "projection"])
+], ids=["cost_gradient", "split_force", "conservative", "parameter_terms", "gradient_part", "projection"])
 def test_a_broken_promise_fails_its_check_alone_and_says_what_differs(make, failed, says):
     model, batch = make()
     with pytest.raises(ConformanceError, match=failed) as raised:

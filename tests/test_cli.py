@@ -165,6 +165,7 @@ def test_check_model_passes_the_reference_models_and_names_a_broken_promise(epx,
     reports = {r["estimator"]: {c["name"]: c["status"] for c in r["results"]} for r in json.loads(ok.stdout)
                if r["title"] == "epx model checks"}
     assert reports["lm"]["cost_gradient"] == reports["lm"]["split_force"] == reports["lm"]["gradient_part"] == "passed"
+    assert reports["lm"]["conservative"] == reports["cet"]["conservative"] == "passed"
     assert reports["cet"]["cost_gradient"] == "skipped" and reports["cet"]["split_force"] == "passed"
 
     from ep_core.models.toy import Toy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 from ep_core.batching import stack
 from ep_core.config import ConfigError
 from ep_core.distributed import cost_share
-from ep_core.harness import compare
+from ep_core.harness import compare, counting
 from ep_core.models.lm import LM, LMConfig
 from ep_core.plugins import load
-from ep_core.protocols import DifferentiatesCost
+from ep_core.protocols import DeclaresConservative, DifferentiatesCost
 from ep_core.relax import cost_gradient, free_phase
 from ep_core.session import build_batch, build_estimator, build_model, load_data, run_comparison
 from ep_core.testing.conformance import _ScaledCost
@@ -130,6 +131,45 @@ def test_the_cost_gradient_of_a_stack_a_cost_share_and_a_scaled_cost_follow_thei
     assert torch.allclose(scaled, 4.0 * plain, rtol=1e-12, atol=0)
 
 
+def without_conservative(model):
+    """The same model without DeclaresConservative: aep then takes F and N at every nudged step."""
+    hidden = copy.deepcopy(model)
+    hidden.__class__ = type(f"No{type(model).__name__}Conservative", (type(model),), {"conservative": None})
+    assert not isinstance(hidden, DeclaresConservative)
+    return hidden
+
+
+def test_aep_without_f_and_n_at_the_nudged_steps_is_the_same_estimate():
+    """−∇E(x) + N(x*) + J_Nᵀv − σβ∇ₓC is the field F(x) − σβ∇ₓC − (N(x) − N(x*) − J_Nᵀv) rearranged: the same
+    gradient to rounding, on lm, a stack of lm (weighted forces and costs) and cet, with fewer evaluations."""
+    from ep_core.models.cet import CET, CETConfig
+    from epx_estimators.aep import AEP
+
+    members = [tiny_lm(0, eps=0.1), tiny_lm(1, eps=0.05)]
+    stacked = stack(members, nudge_ratios=[1.0, 0.25])
+    cet = CET(CETConfig(dim=16, heads=2, head_dim=8, memories=16, T1=60),
+              generator=torch.Generator().manual_seed(0)).double()
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    problems = [(members[0], token_batch(members[0])),
+                (stacked, stacked.batch([token_batch(m, seed) for seed, m in enumerate(members)])),
+                (cet, cet.prepare_batch(images, torch.zeros(2, dtype=torch.long),
+                                        generator=torch.Generator().manual_seed(4)))]
+    aep = AEP(AEP.Config(T2=30))
+    for model, batch in problems:
+        assert isinstance(model, DeclaresConservative)
+        generic_model = without_conservative(model)
+        with counting(model) as fast_calls:
+            fast = aep.estimate(model, batch, generator=torch.Generator())
+        with counting(generic_model) as generic_calls:
+            generic = aep.estimate(generic_model, batch, generator=torch.Generator())
+        for name, grad in generic.grads.items():
+            assert float(grad.norm()) > 0, name
+            gap = float((fast.grads[name] - grad).norm() / grad.norm())
+            assert gap < 1e-9, (type(model).__name__, name, gap)
+        assert fast_calls["conservative"] == 2 * 30 and generic_calls["conservative"] == 0
+        assert fast_calls["force"] == generic_calls["force"] - 2 * 30
+
+
 def test_embeddings_are_fixed_buffers_unless_learned():
     assert {n for n, _ in tiny_lm().named_parameters()} == {"W_Q", "W_K", "W_V", "W_O", "W_head"}
     learned = tiny_lm(learn_embeddings=True)
@@ -173,9 +213,11 @@ def test_aep_matches_bptt_when_converged_and_naive_ep_does_not():
     assert all(aep["parameters"][n] > 0.9999 for n in ("W_Q", "W_K", "W_V", "W_O"))
     assert ep["groups"]["attention"] < 0.99
     assert comparison.to_json()["fixed_point"]["stable"]
-    # lm computes N inside F (SplitsForce): aep's nudged steps cost ep's force evaluations, N only for J_N at x*
-    assert comparison.result("aep").force_evals == comparison.result("ep").force_evals
-    assert comparison.result("aep").stats["nonconservative_evals"] == 1
+    # lm evaluates F − N alone (DeclaresConservative): aep's uncapped nudged steps evaluate −∇E, not F or N; N only
+    # for J_N at x*
+    aep_run, ep_run = comparison.result("aep"), comparison.result("ep")
+    assert aep_run.force_evals == ep_run.force_evals - 2 * 300
+    assert aep_run.stats["conservative_evals"] == 2 * 300 and aep_run.stats["nonconservative_evals"] == 1
 
 
 def test_seed_002_comparison_on_real_shakespeare(real_data_dir):

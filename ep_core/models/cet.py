@@ -246,6 +246,12 @@ class CET(nn.Module):
         part = self._attention_part(z, terms)
         return (force_z.view_as(z).add_(part), force_y), (part, torch.zeros_like(y))
 
+    def conservative(self, state: State, batch: Batch) -> State:
+        """F − N = −∇E_rest, without the attention (:class:`~ep_core.protocols.DeclaresConservative`)."""
+        z, y = state
+        force_z, force_y = self._conservative_force(z, y, self._terms(batch))
+        return force_z.view_as(z), force_y
+
     def _conservative_force(self, z: torch.Tensor, y: torch.Tensor, terms: Batch) -> tuple[torch.Tensor, ...]:
         """(−∂E_rest/∂z flattened to (B·N)×D, −∂E_rest/∂y)."""
         flat = z.reshape(-1, z.shape[-1])

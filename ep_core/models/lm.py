@@ -285,6 +285,11 @@ class LM(nn.Module):
         part = self._attention_part(z, terms)
         return (self._conservative_force(z, terms).add_(part),), (part,)
 
+    def conservative(self, state: State, batch: Batch) -> State:
+        """F − N = x_in − (1 + s·c)·z, without the attention (:class:`~ep_core.protocols.DeclaresConservative`)."""
+        (z,) = state
+        return (self._conservative_force(z, self._terms(batch)),)
+
     def _conservative_force(self, z: torch.Tensor, terms: Batch) -> torch.Tensor:
         """x_in − (1 + s·c)·z, the decay folded into one buffer."""
         return torch.addcmul(terms[INPUT], z, terms[DECAY])

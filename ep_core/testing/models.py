@@ -6,15 +6,16 @@
 
 A protocol a model declares is a promise the core acts on without checking it: aep linearises only N because
 F − N is declared a gradient field, every nudged step takes the model's own ∇ₓC, aep's nudged step takes F and
-N from ``split_force``. A broken promise gives wrong gradients, not an error. Each check here runs where the model
-declares its protocol (else it is "skipped"), at two states: x₀ = init_state(batch) and x₀ + 0.1·‖x₀‖·u for a
-random unit direction u (``seed``; entries of RMS 0.1 when x₀ = 0), so that a member that is right only at the
-start fails too:
+N from ``split_force``, or F − N from ``conservative``. A broken promise gives wrong gradients, not an error.
+Each check here runs where the model declares its protocol (else it is "skipped"), at two states:
+x₀ = init_state(batch) and x₀ + 0.1·‖x₀‖·u for a random unit direction u (``seed``; entries of RMS 0.1 when
+x₀ = 0), so that a member that is right only at the start fails too:
 
     shapes            init_state and force give tensors of one shape each; cost is a finite scalar
     projection        Π(Π(x)) = Π(x), to at least :data:`PROJECTION_TOLERANCE`
     parameter_terms   F(x) with the batch's cached parameter terms = F(x) without     (CachesParameterTerms)
     split_force       split_force(x) = (force(x), nonconservative(x))               (SplitsForce)
+    conservative      conservative(x) = force(x) − nonconservative(x)                (DeclaresConservative)
     gradient_part     F − N has a symmetric Jacobian: ⟨u, J v⟩ = ⟨v, J u⟩ for random u, v  (DeclaresNonconservative)
     cost_gradient     cost_gradient(x) = ∇ₓC(x) by reverse mode                     (DifferentiatesCost)
 
@@ -29,8 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresNonconservative, DifferentiatesCost,
-                               EquilibriumModel, SplitsForce, State)
+from ep_core.protocols import (Batch, CachesParameterTerms, DeclaresConservative, DeclaresNonconservative,
+                               DifferentiatesCost, EquilibriumModel, SplitsForce, State)
 from ep_core.relax import inner, linearize, norm, sub
 from ep_core.testing.conformance import CheckResult, ConformanceError, ConformanceReport, SUITE_VERSION
 
@@ -123,6 +124,12 @@ def _split_force(model, batch: Batch, state: State, tol: float, seed: int) -> No
         _close("split_force's N against nonconservative", part, model.nonconservative(state, batch), tol)
 
 
+def _conservative(model, batch: Batch, state: State, tol: float, seed: int) -> None:
+    with torch.no_grad():
+        _close("conservative against force − nonconservative", model.conservative(state, batch),
+               sub(model.force(state, batch), model.nonconservative(state, batch)), tol)
+
+
 def _gradient_part(model, batch: Batch, state: State, tol: float, seed: int) -> None:
     def gradient_part(x: State) -> State:
         return sub(model.force(x, batch), model.nonconservative(x, batch))
@@ -152,6 +159,7 @@ _CHECKS: tuple[tuple[str, Callable[[object], bool], Check], ...] = (
     ("projection", lambda model: True, _projection),
     ("parameter_terms", lambda model: isinstance(model, CachesParameterTerms), _parameter_terms),
     ("split_force", lambda model: isinstance(model, SplitsForce), _split_force),
+    ("conservative", lambda model: isinstance(model, DeclaresConservative), _conservative),
     ("gradient_part", lambda model: isinstance(model, DeclaresNonconservative), _gradient_part),
     ("cost_gradient", lambda model: isinstance(model, DifferentiatesCost), _cost_gradient),
 )

@@ -18,7 +18,13 @@ from the force the step has already computed (the O(|v|²) = O(β²) error is th
 centered difference). When the model declares its non-conservative part N (F = −∇E + N), the symmetric −∇²E
 drops out of Jv − Jᵀv, so only N is linearised: the correction is −(J_N v − J_Nᵀv), with J_N v = N(x) − N(x*),
 which costs one vjp through N instead of one through all of F, plus an N evaluation that a model computing N on
-its way to F returns with it (:class:`~ep_core.protocols.SplitsForce`: lm, cet).
+its way to F returns with it (:class:`~ep_core.protocols.SplitsForce`). Without a clip the field needs no N at x
+at all, since F(x) − (N(x) − N(x*)) = −∇E(x) + N(x*):
+
+    Φ_σβ(x) = −∇E(x) + N(x*) + J_Nᵀv − σβ∇ₓC(x),
+
+which a model that evaluates −∇E = F − N alone (:class:`~ep_core.protocols.DeclaresConservative`: lm, cet)
+computes without its attention, the costliest part of its force.
 
 Option ``clip`` = κ: when ||correction|| > κ·||F(x) − σβ∇ₓC(x)||, rescale the correction to that norm, a guard
 for the first steps of a strongly non-conservative model. At the corrected nudged fixed point the correction
@@ -36,10 +42,10 @@ from typing import ClassVar
 import torch
 
 from ep_core.config import Config, option
-from ep_core.protocols import (Batch, DeclaresNonconservative, Equilibrium, EquilibriumModel, EstimateStats,
-                               GradientEstimate, SplitsForce, State)
-from ep_core.relax import (Field, add, contrast, force_pairing, free_phase, linearize, norm, nudged_force, scale,
-                           sub)
+from ep_core.protocols import (Batch, DeclaresConservative, DeclaresNonconservative, Equilibrium, EquilibriumModel,
+                               EstimateStats, GradientEstimate, SplitsForce, State)
+from ep_core.relax import (Field, add, contrast, cost_gradient, force_pairing, free_phase, linearize, norm,
+                           nudged_force, scale, sub)
 from ep_core.solvers import fixed_steps
 
 
@@ -89,17 +95,28 @@ class AEP:
         """σβ ↦ the field x ↦ F(x) − σβ∇ₓC(x) − (Jv − Jᵀv), v = x − x*, with Jᵀ· the vjp closure cached at x*.
 
         J is the Jacobian of the model's non-conservative part when it declares one, else of the whole force; a
-        model that computes N inside F (:class:`SplitsForce`) gives both from one evaluation.
+        model that computes N inside F (:class:`SplitsForce`) gives both from one evaluation, and without a clip a
+        model that evaluates F − N alone (:class:`DeclaresConservative`) gives the field without N (module
+        docstring).
         """
         force_and_part, part_only = _force_and_part(model, batch)
-        part_at_fixed_point, J_transpose = linearize(part_only, equilibrium.state)
+        x_star = equilibrium.state
+        part_at_fixed_point, J_transpose = linearize(part_only, x_star)
         clip = self.config.clip
+        if clip is None and isinstance(model, DeclaresConservative):
+            def gradient_form(beta: float) -> Field:
+                def field(x: State) -> State:
+                    minus_grad_E = model.conservative(x, batch)
+                    corrected = add(add(minus_grad_E, part_at_fixed_point), J_transpose(sub(x, x_star)))
+                    return add(corrected, cost_gradient(model, batch, x), -beta)
+                return field
+            return gradient_form
 
         def nudged(beta: float) -> Field:
             def field(x: State) -> State:
                 force, part = force_and_part(x)
                 nudged = nudged_force(model, batch, x, force, beta)
-                v = sub(x, equilibrium.state)
+                v = sub(x, x_star)
                 Jv = sub(part, part_at_fixed_point)
                 correction = sub(J_transpose(v), Jv)
                 if clip is not None:
@@ -122,7 +139,6 @@ class AEP:
             equilibrium=equilibrium,
             stats=AEPStats(vjp_evals=nudged_steps),
         )
-
 
 
 def _force_and_part(model, batch: Batch) -> tuple[Callable[[State], tuple[State, State]], Callable[[State], State]]:

@@ -104,6 +104,8 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
     sizes = [t[0].numel() for t in start]
 
     def flat(state: State) -> torch.Tensor:
+        if len(state) == 1:  # a view, not a copy
+            return state[0].reshape(batch, -1)
         return torch.cat([t.reshape(batch, -1) for t in state], dim=1)
 
     def unflat(vector: torch.Tensor) -> State:
@@ -137,7 +139,9 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
         slot, count = stored % memory, min(stored + 1, memory)
         stored += 1
         images[:, slot], residuals[:, slot] = image, f
-        products = torch.bmm(residuals[:, :count], f[:, :, None])[:, :, 0].double()       # B × count
+        # vecdot, not bmm: a batch of matrix-vector products is a gemv that bmm runs 4.5× slower on the CPU (lm:
+        # 1.0 against 0.22 ms, about a third of a force evaluation).
+        products = torch.linalg.vecdot(residuals[:, :count], f[:, None, :]).double()       # B × count
         gram[:, slot, :count] = gram[:, :count, slot] = products
         # α = argmin ‖Σ α_i f_i‖² with Σ α_i = 1, from the Gram matrix of the unit f_i/‖f_i‖: a unit diagonal, so
         # the newest residuals, orders of magnitude smaller than the oldest, are not lost below the

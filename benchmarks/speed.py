@@ -39,7 +39,7 @@ from ep_core.files import write_atomic
 from ep_core.harness import environment, gradient_metrics, measure
 from ep_core.plugins import load
 from ep_core.protocols import DeclaresNonconservative
-from ep_core.relax import add, cost_gradient, linearize, relaxation_map, step
+from ep_core.relax import linearize, nudged_force, relaxation_map, step
 from ep_core.seeding import ESTIMATOR_STREAM, generator
 from ep_core.session import build_problem
 
@@ -87,10 +87,10 @@ def floor_work(model, batch, calls: dict[str, int], nudged: int, vjps: int, vjp_
             for k in range(calls.get("force", 0)):
                 force = model.force(x, terms)
                 if k < nudged - conservative:
-                    force = add(force, cost_gradient(model, terms, x), -0.01)
+                    force = nudged_force(model, terms, x, force, 0.01)
                 x = step(model, terms, x, force)
             for _ in range(conservative):
-                x = step(model, terms, x, add(model.conservative(x, terms), cost_gradient(model, terms, x), -0.01))
+                x = step(model, terms, x, nudged_force(model, terms, x, model.conservative(x, terms), 0.01))
             for _ in range(calls.get("nonconservative", 0)):
                 model.nonconservative(x, terms)
         if vjps:

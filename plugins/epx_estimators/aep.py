@@ -44,8 +44,8 @@ import torch
 from ep_core.config import Config, option
 from ep_core.protocols import (Batch, DeclaresConservative, DeclaresNonconservative, Equilibrium, EquilibriumModel,
                                EstimateStats, GradientEstimate, SplitsForce, State)
-from ep_core.relax import (Field, add, contrast, cost_gradient, force_pairing, free_phase, linearize, norm,
-                           nudged_force, scale, sub)
+from ep_core.relax import (Field, add, contrast, force_pairing, free_phase, linearize, norm, nudged_force, scale,
+                           sub)
 from ep_core.solvers import fixed_steps
 
 
@@ -108,7 +108,7 @@ class AEP:
                 def field(x: State) -> State:
                     minus_grad_E = model.conservative(x, batch)
                     corrected = add(add(minus_grad_E, part_at_fixed_point), J_transpose(sub(x, x_star)))
-                    return add(corrected, cost_gradient(model, batch, x), -beta)
+                    return nudged_force(model, batch, x, corrected, beta)
                 return field
             return gradient_form
 

@@ -10,7 +10,11 @@ gradient with solver=anderson (tol 1e-6) against the plain T1 = 120, T2 = 20, ti
 each), and each one's relative error to aep's gradient at convergence (float64, Anderson at tol 1e-10, same
 parameters and batch), with the resolution float32 has for the nudged displacement, ε₃₂·‖x*‖ / ‖x⁺ − x*‖: a
 tolerance below it cannot be reached; and the plain run (T1 = 120) with the smallest T2 of 40, 80, ..., 640 whose
-gradient is as close to the converged one as Anderson's, timed with them: the cost of the same accuracy. Exits 3
+gradient is as close to the converged one as Anderson's, timed with them: the cost of the same accuracy; and the
+evaluations Anderson's two nudged phases need to reach tol 1e-3 ... 1e-6 when T2 does not bound them (T2 = 2000),
+against the 2 × 20 the plain run spends, and what a plain nudged step costs in free steps (the plain aep's
+time less its free phase's, per nudged step): where a nudged step costs more than a free one and Anderson's
+nudged phases need 40 or more evaluations, they alone cost half the plain run or more. Exits 3
 unless the distance is at most 1e-8, Anderson needs at least 3× fewer evaluations, the gradients agree to 1e-6
 and the anderson aep costs at most half the plain one.
 """
@@ -21,9 +25,11 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
+from ep_core.capture import with_parameter_terms
 from ep_core.files import write_atomic
 from ep_core.harness import gradient_metrics, measure
 from ep_core.plugins import load
@@ -55,6 +61,18 @@ def converged(registry, data, batch, beta: float):
     return exact, torch.finfo(torch.float32).eps * float(norm(x_star) / norm(sub(plus.state, x_star)))
 
 
+def nudged_evaluations_needed(registry, data, batch) -> dict[str, dict[str, int]]:
+    """For lm in float32 with solver=anderson at tol 1e-3 ... 1e-6: the free phase's evaluations and those of
+    aep's two nudged phases with T2 = 2000 (evaluations of −∇E alone, one per nudged step of the gradient form),
+    so that the tolerance, not T2, stops them."""
+    needed = {}
+    for tol in ("1e-3", "1e-4", "1e-5", "1e-6"):
+        model = build_model(registry, "lm", {"solver": "anderson", "tol": tol}, dataset=data)
+        run = measure(build_estimator(registry, "aep", {"T2": "2000"}), model, batch, seed=0, repeats=1, warmup=0)
+        needed[tol] = {"free": run.estimate.equilibrium.steps, "nudged": run.calls["conservative"]}
+    return needed
+
+
 def float32_wall_time(registry, repeats: int) -> dict:
     """lm in float32: aep with solver=anderson (tol 1e-6) against the plain T1 = 120, T2 = 20, and against the
     plain run with the smallest T2 of 40, 80, ..., 640 whose gradient is as close to the converged one; timed
@@ -84,7 +102,16 @@ def float32_wall_time(registry, repeats: int) -> dict:
         for key, (estimator, model) in runs.items():
             times[key] += measure(estimator, model, batch, seed=0, repeats=1, warmup=0).ms
     median = {key: statistics.median(ms) for key, ms in times.items()}
+    free_ms, prepared = [], with_parameter_terms(plain, batch)   # as an estimate runs its phases
+    for _ in range(repeats):
+        start = time.perf_counter()
+        free_phase(plain, prepared)
+        free_ms.append((time.perf_counter() - start) * 1e3)
+    free_step = statistics.median(free_ms) / plain.dynamics.T1
+    nudged_step = (median["plain"] - statistics.median(free_ms)) / (2 * aep.config.T2)
     return {"median": median, "ms": times, "ratio": median["anderson"] / median["plain"],
+            "nudged_step_over_free_step": nudged_step / free_step,
+            "nudged_evals_unbounded": nudged_evaluations_needed(registry, data, batch),
             "rel_error_to_converged": errors, "plain_same_error": matched,
             "ratio_at_same_error": median["anderson"] / median["plain_same_error"] if matched else None,
             "float32_resolution_of_displacement": resolution}
@@ -136,6 +163,9 @@ def main() -> int:
           f"{median['anderson']:.1f} ms: {timing['ratio']:.2f}x (limit 0.5); rel error to the converged gradient: "
           f"plain {errors['plain']:.2e}, anderson {errors['anderson']:.2e}; float32 resolves the nudged displacement "
           f"to {timing['float32_resolution_of_displacement']:.1e}")
+    needed = ", ".join(f"tol {tol}: {n['free']} + {n['nudged']}" for tol, n in timing["nudged_evals_unbounded"].items())
+    print(f"  anderson's free + nudged evaluations without the T2 bound (plain: 120 + 2 x 20): {needed}; a nudged "
+          f"step costs {timing['nudged_step_over_free_step']:.2f} free steps")
     if matched:
         print(f"  plain as close to it needs T2 = {matched['T2']} (rel error {matched['rel_error']:.2e}): "
               f"{median['plain_same_error']:.1f} ms, anderson {timing['ratio_at_same_error']:.2f}x of it")

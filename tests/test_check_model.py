@@ -62,7 +62,7 @@ def test_cet_and_the_toy_keep_theirs_and_skip_what_they_do_not_declare():
     model = toy()
     found = statuses(check_model(model, toy_batch(model)))
     assert found == {**dict.fromkeys(MODEL_CHECK_NAMES, "skipped"), "shapes": "passed", "projection": "passed",
-                     "gradient_part": "passed"}
+                     "gradient_part": "passed", "conservative": "passed"}
 
 
 def test_stacks_keep_their_members_promises_with_weighted_forces_and_costs():
@@ -111,9 +111,14 @@ class StaleTerms(LM):
 
 
 class HidesItsAsymmetry(Toy):
+    """Declares N = 0, and so F − N = F, which is not a gradient field."""
+
     def nonconservative(self, state, batch):
         (x,) = state
         return (torch.zeros_like(x),)
+
+    def conservative(self, state, batch):
+        return self.force(state, batch)
 
 
 class ShrinksOnEveryProjection(Toy):

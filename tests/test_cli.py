@@ -40,9 +40,10 @@ def test_compare_json_and_out_file_agree(epx, tmp_path):
         assert rows[label]["metrics"]["cosine"] > 0.999
         assert rows[label]["deterministic"] is True
         assert rows[label]["converged"] is True
-    # The toy declares its non-conservative part N: aep evaluates N, not F, for its correction.
-    assert rows["aep"]["force_evals"] == rows["ep"]["force_evals"]
-    assert rows["aep"]["stats"]["nonconservative_evals"] == 2 * 300 + 1
+    # The toy evaluates F − N alone: aep's nudged steps take −∇E, not F, and N once, at x*, for J_Nᵀ.
+    assert rows["aep"]["force_evals"] == rows["ep"]["force_evals"] - 2 * 300
+    assert rows["aep"]["stats"]["conservative_evals"] == 2 * 300
+    assert rows["aep"]["stats"]["nonconservative_evals"] == 1
     assert len(rows["adjoint"]["ms"]) == 2
 
 

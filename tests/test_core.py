@@ -318,8 +318,9 @@ def test_the_harness_counts_force_evaluations_itself():
                                         reference=("bptt", BPTT()), repeats=1).results}
     assert rows["bptt"].force_evals == 50 + 1                    # T1 unrolled steps and the residual
     assert rows["ep"].force_evals == 50 + 1 + 2 * 7 + 1          # free phase, residual, ±β phases, the pairing
-    assert rows["aep"].force_evals == rows["ep"].force_evals     # the toy declares N: aep evaluates N, not F
-    assert rows["aep"].stats["nonconservative_evals"] == 2 * 7 + 1
+    # The toy evaluates F − N alone: aep's nudged steps take −∇E, not F, and N once, at x*, for J_Nᵀ.
+    assert rows["aep"].force_evals == rows["ep"].force_evals - 2 * 7
+    assert rows["aep"].stats["conservative_evals"] == 2 * 7 and rows["aep"].stats["nonconservative_evals"] == 1
     assert "force_evals" not in rows["ep"].stats
 
 

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from ep_core.bptt import BPTT, BPTTConfig
 from ep_core.harness import gradient_metrics
 from ep_core.models.toy import Toy, ToyConfig
-from ep_core.protocols import EquilibriumModel, GradientEstimate
+from ep_core.protocols import DeclaresConservative, DeclaresNonconservative, EquilibriumModel, GradientEstimate
 from ep_core.config import Config, option
 from ep_core.testing import (
     CHECK_NAMES,
@@ -68,15 +68,28 @@ class UndeclaredToy(Toy):
     nonconservative = None
 
 
+class WholeForceToy(Toy):
+    """The toy without F − N alone, so that aep's nudged steps take F and N and subtract N's change, instead of
+    the toy's own −∇E."""
+
+    conservative = None
+
+
 @PROPERTY
 @given(toy_models(conservative=False))
 def test_aep_adjoint_equal_bptt_on_nonconservative_toys(problem):
+    """aep in each of its three forms: −∇E(x) + N(x*) + J_Nᵀv (the toy declares F − N), F − (J_N v − J_Nᵀv) (it
+    declares N only) and F − (Jv − Jᵀv) (it declares neither)."""
     model, batch = problem
     reference = run_estimate(BPTT(), model, batch)
     check_exact_limit(AEP(), model, batch, reference=reference)
-    undeclared = UndeclaredToy(problem.config, generator=torch.Generator()).to(problem.dtype)
-    undeclared.load_state_dict(model.state_dict())
-    check_exact_limit(AEP(), undeclared, batch, reference=reference)
+    assert isinstance(model, DeclaresConservative)
+    for hiding in (WholeForceToy, UndeclaredToy):
+        variant = hiding(problem.config, generator=torch.Generator()).to(problem.dtype)
+        variant.load_state_dict(model.state_dict())
+        assert not isinstance(variant, DeclaresConservative)
+        assert isinstance(variant, DeclaresNonconservative) == (hiding is WholeForceToy)
+        check_exact_limit(AEP(), variant, batch, reference=reference)
     assert check_exact_limit(Adjoint(), model, batch, reference=reference)["rel_error"] < 1e-6
     gmres = Adjoint(Adjoint.Config(solver="gmres", tol=1e-12))
     assert check_exact_limit(gmres, model, batch, reference=reference)["rel_error"] < 1e-6

@@ -97,10 +97,7 @@ class Toy(nn.Module):
         return (torch.zeros(batch["inputs"].shape[0], self.config.units, dtype=self.W.dtype, device=self.W.device),)
 
     def force(self, state: State, batch: Batch) -> State:
-        (x,) = state
-        rho = torch.tanh(x)
-        drive = rho @ self.coupling_matrix().T + self.b + batch["inputs"] @ self.U.T
-        return (-x + (1 - rho.pow(2)) * drive,)
+        return self._flow(state, batch, self.coupling_matrix())
 
     def nonconservative(self, state: State, batch: Batch) -> State:
         """N(x) = ρ'(x) ⊙ (ρ(x)·Aᵀ), A = ½(W_eff − W_effᵀ): F − N is the gradient flow of E with the symmetric
@@ -109,6 +106,19 @@ class Toy(nn.Module):
         rho = torch.tanh(x)
         coupling = self.coupling_matrix()
         return ((1 - rho.pow(2)) * (rho @ (0.5 * (coupling - coupling.T)).T),)
+
+    def conservative(self, state: State, batch: Batch) -> State:
+        """F − N, the force with W_eff replaced by its symmetric part
+        (:class:`~ep_core.protocols.DeclaresConservative`)."""
+        coupling = self.coupling_matrix()
+        return self._flow(state, batch, 0.5 * (coupling + coupling.T))
+
+    def _flow(self, state: State, batch: Batch, coupling: torch.Tensor) -> State:
+        """−x + ρ'(x) ⊙ (ρ(x)·couplingᵀ + b + u·Uᵀ)."""
+        (x,) = state
+        rho = torch.tanh(x)
+        drive = rho @ coupling.T + self.b + batch["inputs"] @ self.U.T
+        return (-x + (1 - rho.pow(2)) * drive,)
 
     def energy(self, state: State, batch: Batch) -> torch.Tensor:
         """E(x), summed over the batch; defined only in the conservative case."""

@@ -29,7 +29,7 @@ from ep_core.protocols import (Batch, EpxError, EquilibriumModel, GradientEstima
                                StatefulEstimator)
 from ep_core.analysis import fixed_point_stability
 from ep_core.capture import Runner, eager_estimate
-from ep_core.relax import CONVERGED_TOL, norm, sub
+from ep_core.relax import CONVERGED_TOL, PhaseRecord, norm, recording, sub
 from ep_core.residual_stream import meaningless, residual_stream
 from ep_core.seeding import ESTIMATOR_STREAM, PROBE_STREAM, STATE_STREAM, generator
 
@@ -85,6 +85,8 @@ class Measurement:
     group's stack, :mod:`ep_core.batching`) or "eager"."""
     group_size: int = 1
     """Problems timed together (:func:`measure_group`): ``ms`` are the times of all of them."""
+    phases: list[PhaseRecord] = field(default_factory=list)
+    """The relaxations of the counted estimate (:func:`ep_core.relax.recording`), in order."""
 
 
 def _same(a: GradientEstimate, b: GradientEstimate) -> bool:
@@ -151,21 +153,25 @@ def measure_group(members: Sequence[tuple[Any, Any]], batches: Sequence[Batch], 
         return [generator(seed, ESTIMATOR_STREAM, device) for seed in seeds]
 
     calls: list[dict[str, int]] = []
+    phases: list[list[PhaseRecord]] = []
     if runner.capture_wanted():
-        counted_by_kind: dict[tuple, dict[str, int]] = {}
+        counted_by_kind: dict[tuple, tuple[dict[str, int], list[PhaseRecord]]] = {}
         for (estimator, model), batch, seed in zip(members, batches, seeds):
             kind = (type(estimator), estimator.config, model.config)
             if kind not in counted_by_kind:
-                with counting(model) as counted_by_kind[kind]:
+                with counting(model) as counted, recording() as relaxations:
                     eager_estimate(estimator, model, batch, generator=generator(seed, ESTIMATOR_STREAM, device))
-            calls.append(counted_by_kind[kind])
+                counted_by_kind[kind] = counted, relaxations
+            calls.append(counted_by_kind[kind][0])
+            phases.append(counted_by_kind[kind][1])
         firsts = runner.run(list(batches), generators())
     else:
         firsts = []
         for (estimator, model), batch, gen in zip(members, batches, generators()):
-            with counting(model) as counted:
+            with counting(model) as counted, recording() as relaxations:
                 firsts.append(eager_estimate(estimator, model, batch, generator=gen))
             calls.append(counted)
+            phases.append(relaxations)
     for (estimator, _), first in zip(members, firsts):
         broken = [name for name, g in first.grads.items() if not bool(torch.isfinite(g).all())]
         if broken:
@@ -191,8 +197,8 @@ def measure_group(members: Sequence[tuple[Any, Any]], batches: Sequence[Batch], 
     if runner.mode in ("captured", "stacked"):
         peak = max(peak or 0, runner.peak_bytes or 0)
     return [Measurement(first, times, peak, same, counts if isinstance(model, EquilibriumModel) else {},
-                        mode=runner.mode, group_size=len(members))
-            for first, same, counts, (_, model) in zip(firsts, deterministic, calls, members)]
+                        mode=runner.mode, group_size=len(members), phases=relaxations)
+            for first, same, counts, relaxations, (_, model) in zip(firsts, deterministic, calls, phases, members)]
 
 
 @dataclass
@@ -283,6 +289,10 @@ def _result(label: str, estimator, measurement: Measurement, metrics: dict[str, 
     for part in ("nonconservative", "conservative"):
         if measurement.calls.get(part):
             stats[f"{part}_evals"] = measurement.calls[part]
+    if any(record.converged is not None for record in measurement.phases):
+        # A solver with a tolerance ran: each phase's evaluations, and whether it reached the tolerance or stopped
+        # on its bound (T1, T2), which its state alone does not tell.
+        stats["phases"] = [dataclasses.asdict(record) for record in measurement.phases]
     return Result(
         label=label,
         estimator=type(estimator).name,

@@ -11,7 +11,9 @@ so that the loop does not wait for the device at every step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -72,6 +74,31 @@ def relaxation_map(model, batch: Batch) -> Callable[[State], State]:
 class Relaxation:
     state: State
     steps: int
+    converged: bool | None = None
+    """Whether a solver with a tolerance reached it (:class:`ep_core.solvers.Solved`); None for plain steps."""
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    phase: str
+    evaluations: int
+    converged: bool | None
+
+
+_RECORDS: ContextVar[list[PhaseRecord] | None] = ContextVar("epx_relaxation_records", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[list[PhaseRecord]]:
+    """Record every relaxation that runs while the block does, in order: its phase, the field evaluations it used
+    and whether it reached its solver's tolerance. How the harness learns, without estimators reporting it, that a
+    tolerance solver's nudged phases stopped on their bound T2 instead of their tolerance."""
+    records: list[PhaseRecord] = []
+    token = _RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDS.reset(token)
 
 
 def relax(model, batch: Batch, state: State, steps: int, *, phase: str, field: Field | None = None,
@@ -90,10 +117,13 @@ def relax(model, batch: Batch, state: State, steps: int, *, phase: str, field: F
         raise DivergenceError(phase, t, eps, divergence_remedy(phase, eps))
 
     with torch.no_grad():
-        x, used = SOLVERS[solver or dynamics.solver](update, detach(state), steps, tol=dynamics.tol,
-                                                      memory=dynamics.memory, diverged=diverged,
-                                                      origin=None if origin is None else detach(origin))
-    return Relaxation(state=x, steps=used)
+        solved = SOLVERS[solver or dynamics.solver](update, detach(state), steps, tol=dynamics.tol,
+                                                    memory=dynamics.memory, diverged=diverged,
+                                                    origin=None if origin is None else detach(origin))
+    records = _RECORDS.get()
+    if records is not None:
+        records.append(PhaseRecord(phase, solved.evaluations, solved.converged))
+    return Relaxation(state=solved.state, steps=solved.evaluations, converged=solved.converged)
 
 
 def divergence_remedy(phase: str, eps: float) -> str:

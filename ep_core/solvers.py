@@ -26,7 +26,7 @@ estimator. It reads the residual back once per evaluation, to stop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
@@ -38,7 +38,17 @@ CHECK_EVERY = 16
 """Steps between two reads of the finiteness flag: a read makes the host wait for the device, which on a GPU
 costs more than the step itself."""
 Update = Callable[[State], State]
-Solver = Callable[..., tuple[State, int]]
+
+
+class Solved(NamedTuple):
+    state: State
+    evaluations: int
+    converged: bool | None
+    """Whether the residual reached the tolerance: False where the solver stopped on its bound of evaluations, or
+    where its residual stopped falling; None for a solver without a tolerance (plain)."""
+
+
+Solver = Callable[..., Solved]
 
 REGULARISATION = 1e-10
 PATIENCE = 10
@@ -82,23 +92,24 @@ def _sum(a: State) -> torch.Tensor:
 
 
 def plain(update: Update, start: State, steps: int, *, tol: float, memory: int,
-          diverged: Callable[[int], NoReturn], origin: State | None = None) -> tuple[State, int]:
-    """``steps`` plain steps (``tol``, ``memory`` and ``origin`` unused): (x_steps, steps)."""
-    return iterate(update, start, steps, diverged=diverged), steps
+          diverged: Callable[[int], NoReturn], origin: State | None = None) -> Solved:
+    """``steps`` plain steps (``tol``, ``memory`` and ``origin`` unused): x_steps."""
+    return Solved(iterate(update, start, steps, diverged=diverged), steps, None)
 
 
 def anderson(update: Update, start: State, steps: int, *, tol: float, memory: int,
-             diverged: Callable[[int], NoReturn], origin: State | None = None) -> tuple[State, int]:
-    """Anderson acceleration (module docstring): (U(x) at the first x within ``tol``, evaluations used); at most
-    ``steps`` evaluations. The residual is relative to the distance from ``origin`` (default: ``start``).
-    ``diverged(k)`` is called at the first evaluation k whose image is not finite.
+             diverged: Callable[[int], NoReturn], origin: State | None = None) -> Solved:
+    """Anderson acceleration (module docstring): U(x) at the first x within ``tol``, converged, or else U(x) at the
+    smallest residual seen, not converged; at most ``steps`` evaluations. The residual is relative to the
+    distance from ``origin`` (default: ``start``). ``diverged(k)`` is called at the first evaluation k whose image
+    is not finite.
 
     The last ``memory`` images and residuals live in ring buffers (batch × memory × n, in the state's dtype) and
     the residuals' Gram matrix is updated by one row per evaluation: one pass over the history for the new
     products and one for the mixing, where rebuilding both from a stacked history cost as much as a force
     evaluation on lm."""
     if steps < 1:
-        return start, 0
+        return Solved(start, 0, False)
     shapes = [t.shape for t in start]
     batch = shapes[0][0]
     sizes = [t[0].numel() for t in start]
@@ -128,11 +139,11 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
         residual = float(torch.linalg.vector_norm(f) / moved.clamp_min(torch.finfo(x.dtype).tiny))
         residual = residual if residual == residual else float("inf")  # an overflow on finite states is not NaN
         if residual <= tol:
-            return unflat(image), k
+            return Solved(unflat(image), k, True)
         if residual < best[0]:
             best = (residual, image, k)
         if k == steps or k - best[2] > PATIENCE * memory:
-            return unflat(best[1]), k
+            return Solved(unflat(best[1]), k, False)
         if residual == float("inf"):  # the residuals' products would overflow: no mixing, a plain step
             x = image
             continue

@@ -231,3 +231,14 @@ def test_check_passes_builtins_and_fails_a_broken_estimator(epx, monkeypatch):
     assert "never touch param.grad" in broken.stdout.replace("\n", "")
     typo = epx("check", "sloppy", "--check", "determinstic")
     assert typo.exit_code == 2
+
+
+def test_compare_says_which_phases_did_not_reach_the_solvers_tolerance(epx):
+    settings = ["--model", "toy", "--dtype", "float64", "--model-set", "solver=anderson",
+                "--model-set", "tol=1e-12", "--set", "beta=0.001", "--repeats", "1"]
+    short = epx("compare", "ep", "aep", *settings, "--set", "T2=3")
+    assert short.exit_code == 0, short.stderr
+    assert "tolerance NOT reached (tol = 1e-12): ep (2 nudged phases); aep (2 nudged phases)" in short.stdout
+    long = epx("compare", "ep", "aep", *settings, "--set", "T2=300")
+    assert long.exit_code == 0, long.stderr
+    assert "tolerance NOT reached" not in long.stdout

@@ -106,3 +106,24 @@ def test_the_comparison_records_the_solver_and_the_evaluations_it_used():
     assert rows["ep"].stats["T1"] < 100               # ep's free phase stopped at the tolerance
     assert rows["ep"].force_evals < rows["bptt"].force_evals
     assert model.config.to_dict()["solver"] == "anderson"
+
+
+def test_the_comparison_says_which_phases_stopped_before_their_tolerance():
+    """Each phase of a solver with a tolerance is recorded with its evaluations and whether it reached tol: a T2
+    too short for tol 1e-12 leaves both nudged phases on their bound, a long one lets them converge; the plain
+    solver, which has no tolerance, records nothing."""
+    from ep_core.harness import compare
+
+    model, batch = toy(8, T1=400, solver="anderson", tol=1e-12)
+    phases = {}
+    for T2 in (3, 400):
+        comparison = compare([("ep", EP(EPConfig(beta=1e-3, T2=T2)))], model, batch, reference=("bptt", BPTT()),
+                             repeats=1)
+        phases[T2] = comparison.result("ep").stats["phases"]
+    assert [p["phase"] for p in phases[3]] == ["free", "nudged", "nudged"]
+    assert phases[3][0]["converged"] is True and phases[3][0]["evaluations"] < 100
+    assert [(p["evaluations"], p["converged"]) for p in phases[3][1:]] == [(3, False), (3, False)]
+    assert all(p["converged"] is True and 3 < p["evaluations"] < 400 for p in phases[400][1:])
+    plain_model, _ = toy(8, T1=400)
+    comparison = compare([("ep", EP(EPConfig(T2=3)))], plain_model, batch, reference=("bptt", BPTT()), repeats=1)
+    assert "phases" not in comparison.result("ep").stats

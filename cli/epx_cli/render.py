@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -167,7 +168,8 @@ def captured_note(data: dict[str, Any]) -> str:
 
 def comparison_table(data: dict[str, Any]) -> Table:
     groups = list(data["parameter_groups"])
-    caption = fixed_point_line(data) or residual_stream_line(data)
+    lines = [fixed_point_line(data) or residual_stream_line(data), unreached_tolerance_line(data)]
+    caption = "\n".join(line for line in lines if line) or None
     table = Table(title=comparison_title(data), caption=caption, header_style="bold")
     doubtful = data.get("meaningful") is False
     table.add_column("estimator", no_wrap=True)
@@ -205,6 +207,22 @@ def fixed_point_line(data: dict[str, Any]) -> str | None:
         unsure = "" if stability["resolved"] else ", not resolved: ρ is within the Ritz residual of 1"
         line += f" · ρ(J_G) = {stability['spectral_radius']:.4f} ({verdict}{unsure})"
     return line
+
+
+def unreached_tolerance_line(data: dict[str, Any]) -> str | None:
+    """The phases that a solver with a tolerance (solver=anderson) left before reaching it, by row: a nudged phase's
+    residual is relative to its displacement from x*, which float32 resolves only to about ε₃₂·‖x*‖ / ‖x − x*‖."""
+    stopped = []
+    for row in data["results"]:
+        phases = Counter(p["phase"] for p in row.get("stats", {}).get("phases", []) if p["converged"] is False)
+        if phases:
+            what = ", ".join(f"{n} {phase} phase{'s' if n > 1 else ''}" for phase, n in phases.items())
+            stopped.append(f"{row['label']} ({what})")
+    if not stopped:
+        return None
+    tol = data["model"]["config"].get("tol")
+    return (f"tolerance NOT reached (tol = {tol:g}): {'; '.join(stopped)} stopped on their bound of evaluations "
+            f"(T1, T2) or where the residual stopped falling")
 
 
 def residual_stream_line(data: dict[str, Any]) -> str | None:

@@ -242,3 +242,8 @@ def test_compare_says_which_phases_did_not_reach_the_solvers_tolerance(epx):
     long = epx("compare", "ep", "aep", *settings, "--set", "T2=300")
     assert long.exit_code == 0, long.stderr
     assert "tolerance NOT reached" not in long.stdout
+    seeds = epx("compare", "ep", *settings, "--set", "T2=3", "--seeds", "2")
+    assert seeds.exit_code == 0, seeds.stderr
+    printed = " ".join(seeds.stdout.split())
+    assert ("tolerance NOT reached (tol = 1e-12) in seed 0: ep (2 nudged phases) stopped on their bound of "
+            "evaluations (T1, T2) or where the residual stopped falling (and in 1 more seed)") in printed

@@ -209,20 +209,19 @@ def fixed_point_line(data: dict[str, Any]) -> str | None:
     return line
 
 
-def unreached_tolerance_line(data: dict[str, Any]) -> str | None:
+def unreached_tolerance_line(data: dict[str, Any], where: str = "") -> str | None:
     """The phases that a solver with a tolerance (solver=anderson) left before reaching it, by row: a nudged phase's
     residual is relative to its displacement from x*, which float32 resolves only to about ε₃₂·‖x*‖ / ‖x − x*‖."""
     stopped = []
     for row in data["results"]:
         phases = Counter(p["phase"] for p in row.get("stats", {}).get("phases", []) if p["converged"] is False)
         if phases:
-            what = ", ".join(f"{n} {phase} phase{'s' if n > 1 else ''}" for phase, n in phases.items())
-            stopped.append(f"{row['label']} ({what})")
+            counts = (f"{n} {phase} phase{'s' if n > 1 else ''}" for phase, n in phases.items())
+            stopped.append(f"{row['label']} ({', '.join(counts)})")
     if not stopped:
         return None
-    tol = data["model"]["config"].get("tol")
-    return (f"tolerance NOT reached (tol = {tol:g}): {'; '.join(stopped)} stopped on their bound of evaluations "
-            f"(T1, T2) or where the residual stopped falling")
+    return (f"tolerance NOT reached (tol = {data['model']['config'].get('tol'):g}){where}: {'; '.join(stopped)} "
+            f"stopped on their bound of evaluations (T1, T2) or where the residual stopped falling")
 
 
 def residual_stream_line(data: dict[str, Any]) -> str | None:
@@ -288,9 +287,14 @@ def seeds_table(data: dict[str, Any]) -> Table:
     compared = labels[1:]
     seeds = data["seeds"]
     title = comparison_title(first).rsplit(" · seed ", 1)[0] + f" · seeds {seeds[0]}–{seeds[-1]}"
-    table = Table(title=title, header_style="bold",
-                  caption=f"ms: median per gradient of all {len(seeds)} problems together"
-                          + (" (replays of one CUDA graph)" if captured_note(first) else ""))
+    caption = (f"ms: median per gradient of all {len(seeds)} problems together"
+               + (" (replays of one CUDA graph)" if captured_note(first) else ""))
+    unreached = [(seed, line) for seed, comparison in zip(seeds, comparisons)
+                 if (line := unreached_tolerance_line(comparison, f" in seed {seed}"))]
+    if unreached:
+        more = len(unreached) - 1
+        caption += "\n" + unreached[0][1] + (f" (and in {more} more seed{'s' if more > 1 else ''})" if more else "")
+    table = Table(title=title, header_style="bold", caption=caption)
     table.add_column("seed", justify="right", no_wrap=True)
     for label in compared:
         table.add_column(f"{label} cos\nall", justify="right")

@@ -417,8 +417,15 @@ def sweep_report(data: dict[str, Any], rows: list[dict[str, Any]], group: str | 
     if sizes and sizes[-1] > 1:
         timing = (f"ms: median of one run of all the problems measured together ({', '.join(map(str, sizes))}: a "
                   "point's seeds, and on CUDA the points that differ only in knobs that stack)")
+    unreached = [line for record in data["records"] if record["status"] == "ok"
+                 if (line := unreached_tolerance_line(record["comparison"], " at " + ", ".join(
+                     f"{key}={value}" for key, value in record["values"].items()) + f", seed {record['seed']}"))]
+    more = len(unreached) - 1
+    notes = [Text(unreached[0] + (f" (and in {more} more run{'s' if more > 1 else ''})" if more else ""))] \
+        if unreached else []
     return [Stacked(sweep_table(data, rows, group), keys=keys),
             *([Stacked(failures, keys=keys)] if failures else []),
+            *notes,
             legend("seeds: succeeded/run; every number is the mean ± std over the seeds that succeeded",
                    f"cos: cosine to {data['spec']['reference']}'s gradient, of all parameters or of the group",
                    timing, f"residual: {data['spec']['reference']}'s free phase",

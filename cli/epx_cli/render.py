@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -224,6 +224,19 @@ def unreached_tolerance_line(data: dict[str, Any], where: str = "") -> str | Non
             f"stopped on their bound of evaluations (T1, T2) or where the residual stopped falling")
 
 
+def _first_of(lines: Iterable[str | None], unit: str) -> str | None:
+    """The first of ``lines`` that is not None, and how many more there are (a seed's or a run's note, once)."""
+    found = [line for line in lines if line]
+    if not found:
+        return None
+    more = len(found) - 1
+    return found[0] + (f" (and in {more} more {unit}{'s' if more > 1 else ''})" if more else "")
+
+
+def _point(record: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in record["values"].items()) + f", seed {record['seed']}"
+
+
 def residual_stream_line(data: dict[str, Any]) -> str | None:
     """A residual network's stream on the batch: seed 004's diagnostics."""
     stream = data.get("residual_stream")
@@ -289,11 +302,10 @@ def seeds_table(data: dict[str, Any]) -> Table:
     title = comparison_title(first).rsplit(" · seed ", 1)[0] + f" · seeds {seeds[0]}–{seeds[-1]}"
     caption = (f"ms: median per gradient of all {len(seeds)} problems together"
                + (" (replays of one CUDA graph)" if captured_note(first) else ""))
-    unreached = [(seed, line) for seed, comparison in zip(seeds, comparisons)
-                 if (line := unreached_tolerance_line(comparison, f" in seed {seed}"))]
+    unreached = _first_of((unreached_tolerance_line(comparison, f" in seed {seed}")
+                           for seed, comparison in zip(seeds, comparisons)), "seed")
     if unreached:
-        more = len(unreached) - 1
-        caption += "\n" + unreached[0][1] + (f" (and in {more} more seed{'s' if more > 1 else ''})" if more else "")
+        caption += "\n" + unreached
     table = Table(title=title, header_style="bold", caption=caption)
     table.add_column("seed", justify="right", no_wrap=True)
     for label in compared:
@@ -417,12 +429,9 @@ def sweep_report(data: dict[str, Any], rows: list[dict[str, Any]], group: str | 
     if sizes and sizes[-1] > 1:
         timing = (f"ms: median of one run of all the problems measured together ({', '.join(map(str, sizes))}: a "
                   "point's seeds, and on CUDA the points that differ only in knobs that stack)")
-    unreached = [line for record in data["records"] if record["status"] == "ok"
-                 if (line := unreached_tolerance_line(record["comparison"], " at " + ", ".join(
-                     f"{key}={value}" for key, value in record["values"].items()) + f", seed {record['seed']}"))]
-    more = len(unreached) - 1
-    notes = [Text(unreached[0] + (f" (and in {more} more run{'s' if more > 1 else ''})" if more else ""))] \
-        if unreached else []
+    unreached = _first_of((unreached_tolerance_line(record["comparison"], f" at {_point(record)}")
+                           for record in data["records"] if record["status"] == "ok"), "run")
+    notes = [Text(unreached)] if unreached else []
     return [Stacked(sweep_table(data, rows, group), keys=keys),
             *([Stacked(failures, keys=keys)] if failures else []),
             *notes,

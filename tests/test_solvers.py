@@ -127,3 +127,25 @@ def test_the_comparison_says_which_phases_stopped_before_their_tolerance():
     plain_model, _ = toy(8, T1=400)
     comparison = compare([("ep", EP(EPConfig(T2=3)))], plain_model, batch, reference=("bptt", BPTT()), repeats=1)
     assert "phases" not in comparison.result("ep").stats
+
+
+def test_anderson_stops_once_its_residual_no_longer_halves():
+    """Below float32's rounding the residual creeps (new smallest values keep coming, a little smaller each time):
+    on a linear contraction with an unreachable tolerance, Anderson stops once its smallest residual has not halved
+    in 10·memory evaluations (99 here; waiting for any new smallest value took 328), at the fixed point to float32
+    accuracy."""
+    generator = torch.Generator().manual_seed(0)
+    units = 64
+    rotation, _ = torch.linalg.qr(torch.randn(units, units, generator=generator, dtype=torch.float64))
+    contraction = (rotation * torch.linspace(0.2, 0.95, units, dtype=torch.float64)) @ rotation.T
+    drive = torch.randn(8, units, generator=generator, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(units, dtype=torch.float64) - contraction, drive.T).T
+    A, b = contraction.float(), drive.float()
+
+    def never(k):
+        raise AssertionError(f"diverged at {k}")
+
+    solved = anderson(lambda s: (s[0] @ A.T + b,), (torch.zeros(8, units),), 5000, tol=1e-30, memory=5,
+                      diverged=never)
+    assert not solved.converged and solved.evaluations <= 120
+    assert float(torch.linalg.vector_norm(solved.state[0].double() - exact) / torch.linalg.vector_norm(exact)) < 2e-6

@@ -110,11 +110,11 @@ def test_the_comparison_records_the_solver_and_the_evaluations_it_used():
 
 def test_the_comparison_says_which_phases_stopped_before_their_tolerance():
     """Each phase of a solver with a tolerance is recorded with its evaluations and whether it reached tol: a T2
-    too short for tol 1e-12 leaves both nudged phases on their bound, a long one lets them converge; the plain
+    too short for tol 1e-10 leaves both nudged phases on their bound, a long one lets them converge; the plain
     solver, which has no tolerance, records nothing."""
     from ep_core.harness import compare
 
-    model, batch = toy(8, T1=400, solver="anderson", tol=1e-12)
+    model, batch = toy(8, T1=400, solver="anderson", tol=1e-10)
     phases = {}
     for T2 in (3, 400):
         comparison = compare([("ep", EP(EPConfig(beta=1e-3, T2=T2)))], model, batch, reference=("bptt", BPTT()),

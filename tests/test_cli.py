@@ -1,6 +1,7 @@
 """The command line: outputs, exit codes and messages, in-process through click's runner."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -239,6 +240,8 @@ def test_compare_says_which_phases_did_not_reach_the_solvers_tolerance(epx):
     short = epx("compare", "ep", "aep", *settings, "--set", "T2=3")
     assert short.exit_code == 0, short.stderr
     assert "tolerance NOT reached (tol = 1e-10): ep (2 nudged phases); aep (2 nudged phases)" in short.stdout
+    # aep's nudged steps evaluate −∇E alone on the toy, and the F evals column says so beside its forces.
+    assert re.search(r"│ aep .*│ +\d+ \+ 6 −∇E │", short.stdout)
     long = epx("compare", "ep", "aep", *settings, "--set", "T2=300")
     assert long.exit_code == 0, long.stderr
     assert "tolerance NOT reached" not in long.stdout

@@ -189,9 +189,17 @@ def comparison_table(data: dict[str, Any]) -> Table:
             fmt_number(row["ms_median"], ".1f"),
             fmt_bytes(row["peak_memory_bytes"]),
             fmt_residual(row["residual"], row["converged"]),
-            fmt_number(row["force_evals"], "d"),
+            fmt_evaluations(row),
         )
     return table
+
+
+def fmt_evaluations(row: dict[str, Any]) -> str:
+    """Force evaluations, and beside them those of −∇E alone (aep's uncapped nudged steps on a model that declares
+    F − N), which cost less than a force but are work all the same."""
+    forces = fmt_number(row["force_evals"], "d")
+    conservative = row.get("stats", {}).get("conservative_evals")
+    return f"{forces} + {conservative} −∇E" if conservative else forces
 
 
 def fixed_point_line(data: dict[str, Any]) -> str | None:
@@ -268,7 +276,8 @@ def comparison_report(data: dict[str, Any], *, per_parameter: bool) -> list[Rend
     return [*tables,
             legend(f"cos: cosine to {data['reference']}'s gradient, of all parameters or of one group",
                    "rel err: ‖ĝ−g‖/‖g‖", "norm ratio: ‖ĝ‖/‖g‖", "ms: median per gradient", "peak mem: CUDA only",
-                   "F evals: force evaluations", "n/a: not measured, or the reference gradient is zero",
+                   "F evals: force evaluations (+ those of −∇E alone)",
+                   "n/a: not measured, or the reference gradient is zero",
                    *(["?: not meaningful, see the note"] if data.get("meaningful") is False else [])),
             colour_legend(COSINE_COLOURS, residual_colours(data["converged_tol"]))]
 

@@ -97,10 +97,12 @@ def floor_work(model, batch, calls: dict[str, int], nudged: int, vjps: int, vjp_
             maps = {"N": lambda s: model.nonconservative(s, terms), "F": lambda s: model.force(s, terms),
                     "G": relaxation_map(model, terms)}
             _, transpose = linearize(maps[vjp_of], x)
-            u = x
             with torch.no_grad():
                 for _ in range(vjps):
-                    u = transpose(u)
+                    # Each applied to x, not chained: u = (Jᵀ)^k x decays into float32 denormals on lm's attention
+                    # after ~20 applications of J_Nᵀ, and each then costs 10–25× more on the CPU (2 against 20–55 ms),
+                    # while the estimates apply it to vectors of their own size.
+                    transpose(x)
     return work
 
 

@@ -83,6 +83,9 @@ class PhaseRecord:
     phase: str
     evaluations: int
     converged: bool | None
+    residual: float | None = None
+    """The relative residual the solver stopped at (:class:`ep_core.solvers.Solved`): above ``tol`` where the phase
+    converged to the state's resolution instead."""
 
 
 _RECORDS: ContextVar[list[PhaseRecord] | None] = ContextVar("epx_relaxation_records", default=None)
@@ -122,7 +125,7 @@ def relax(model, batch: Batch, state: State, steps: int, *, phase: str, field: F
                                                     origin=None if origin is None else detach(origin))
     records = _RECORDS.get()
     if records is not None:
-        records.append(PhaseRecord(phase, solved.evaluations, solved.converged))
+        records.append(PhaseRecord(phase, solved.evaluations, solved.converged, solved.residual))
     return Relaxation(state=solved.state, steps=solved.evaluations, converged=solved.converged)
 
 

@@ -4,16 +4,22 @@ Both find x with x = U(x) for a relaxation's update U (the free phase's G, or a 
 starting from x₀, with at most ``steps`` evaluations of U:
 
     plain      x_{k+1} = U(x_k), exactly ``steps`` times: the map bptt differentiates and T1, T2 count
-    anderson   Anderson acceleration (Walker & Ni 2011, as torchdeq and the DEQ literature use it): with the last
-               m iterates x_i and their images u_i = U(x_i), residuals f_i = u_i − x_i, the next iterate is
-               x_{k+1} = Σ_i α_i u_i  with  α = argmin ‖Σ_i α_i f_i‖²  subject to  Σ_i α_i = 1,
-               solved per sample (each sample's fixed point is its own) from the m×m Gram matrix of the
-               normalised f_i/‖f_i‖, regularised by 1e-10; it stops as soon as the residual relative to
-               the distance travelled, ‖U(x) − x‖ / ‖U(x) − x₀‖ over the batch, is at most ``tol``, and returns
-               U(x) there; when the smallest residual seen has not halved in :data:`PATIENCE`·m evaluations
-               (:data:`STALL`; the rounding floor: cet's nudged phases in float64 stall near 1e-10, plain and
-               accelerated alike, and float32 ones creep below their resolution), it returns the U(x) of that
-               smallest residual.
+    anderson   Anderson acceleration (Walker & Ni 2011, as torchdeq and the DEQ literature use it), per sample
+               (each sample's fixed point is its own): with residuals f = U(x) − x, mixed points y = x + b·f and
+               the last m iterates,
+                   x_{k+1} = Σ_j α_j y_j   with   α = argmin ‖Σ_j α_j f_j‖²  subject to  Σ_j α_j = 1,
+               solved from the m×m Gram matrix of the unit f_j/‖f_j‖, regularised by 1e-10. The mixing b is the
+               step length along f that the map's first secant asks for, b = −⟨ΔX, ΔF⟩/‖ΔF‖² after one plain
+               step (within [1/10, 10]; the same for the whole phase): the plain iteration's step ε is what T1,
+               T2 and bptt are defined by, not the length that suits an accelerated solver, and with b = 1 lm's
+               free phase needed 27 evaluations to 1e-6 where it needs 17 (b ≈ 4.5, the step 1/(1 + s·c) its
+               linear part asks for). It stops as soon as the residual relative to the distance travelled,
+               ‖U(x) − x‖ / ‖U(x) − x₀‖ over the batch, is at most ``tol``, or once ‖U(x) − x‖ is within one
+               rounding of the state, ε·‖U(x)‖ with ε the dtype's machine epsilon, where a smaller residual is
+               no longer a better fixed point (float32 resolves a nudged phase's O(β) displacement only to about
+               ε₃₂·‖x*‖ / ‖x − x*‖: 2.8e-5 for lm's); and returns U(x) there. When the smallest residual seen
+               has not halved in :data:`PATIENCE`·m evaluations (:data:`STALL`: a residual stuck above the
+               state's resolution), it returns the U(x) of that smallest residual, not converged.
 
 The residual is measured against the distance from the start (or from an ``origin`` the caller names: x* for a
 nudged phase started elsewhere), not against ‖x‖: a nudged phase moves x* by O(β), and EP divides that
@@ -22,10 +28,16 @@ displacement by β, so its error must be small relative to the displacement itse
 Anderson reaches the fixed point that the plain iteration converges to (when it converges) in far fewer
 evaluations; it does not change where the fixed point is, so it applies to the free and nudged phases of every
 estimator. It reads the residual back once per evaluation, to stop.
+
+On a CPU an evaluation of the solver's own costs its memory traffic: a pass over the state is 20–40 µs on lm's
+16 × 8192 when the force has just evicted it from the cache, so the solver writes each residual and mixed point
+straight into its ring buffers and reads the norms it stops on off the Gram product's diagonal (lm: 0.6 ms of
+bookkeeping per evaluation, where the version before this one spent 0.8).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
@@ -45,19 +57,26 @@ class Solved(NamedTuple):
     state: State
     evaluations: int
     converged: bool | None
-    """Whether the residual reached the tolerance: False where the solver stopped on its bound of evaluations, or
-    where its residual stopped falling; None for a solver without a tolerance (plain)."""
+    """Whether the residual reached the tolerance, or the state's resolution where that is coarser: False where the
+    solver stopped on its bound of evaluations, or where its residual stopped falling; None for a solver without a
+    tolerance (plain)."""
+    residual: float | None = None
+    """The relative residual of the returned state (None for plain): above the tolerance where the solver stopped
+    at the state's resolution or short of convergence."""
 
 
 Solver = Callable[..., Solved]
 
 REGULARISATION = 1e-10
+SMALLEST_LENGTH = 1e-100
+"""The least ‖f_j‖², relative to a sample's largest, that Anderson's coefficients divide by (:func:`_coefficients`)."""
+MIXING_LIMIT = 10.0
+"""The bound on Anderson's mixing b and on 1/b (:func:`_mixing`)."""
 PATIENCE = 10
 STALL = 0.5
 """Anderson stops when its smallest residual has not fallen below STALL times what it was PATIENCE·m evaluations
-earlier. Below float32's resolution, lm's nudged phases creep from 1e-5 to 3e-6 of their displacement over a
-hundred evaluations: with T2 = 2000 and tol 1e-6, aep's two stop after 173 evaluations, its gradient 1.48e-5 from
-the converged one, where waiting for any new smallest residual took 333 for 1.45e-5."""
+earlier: where the residual stalls above the state's resolution (an update whose own error is larger than its
+rounding), waiting for any new smallest value would spend the whole bound for nothing."""
 
 
 def is_finite(a: State) -> bool:
@@ -105,15 +124,15 @@ def plain(update: Update, start: State, steps: int, *, tol: float, memory: int,
 
 def anderson(update: Update, start: State, steps: int, *, tol: float, memory: int,
              diverged: Callable[[int], NoReturn], origin: State | None = None) -> Solved:
-    """Anderson acceleration (module docstring): U(x) at the first x within ``tol``, converged, or else U(x) at the
-    smallest residual seen, not converged; at most ``steps`` evaluations. The residual is relative to the
-    distance from ``origin`` (default: ``start``). ``diverged(k)`` is called at the first evaluation k whose image
-    is not finite.
+    """Anderson acceleration (module docstring): U(x) at the first x whose residual is within ``tol`` or the
+    state's resolution, converged, or else U(x) at the smallest residual seen, not converged; at most ``steps``
+    evaluations. The residual is relative to the distance from ``origin`` (default: ``start``). ``diverged(k)`` is
+    called at the first evaluation k whose image is not finite.
 
-    The last ``memory`` images and residuals live in ring buffers (batch × memory × n, in the state's dtype) and
-    the residuals' Gram matrix is updated by one row per evaluation: one pass over the history for the new
-    products and one for the mixing, where rebuilding both from a stacked history cost as much as a force
-    evaluation on lm."""
+    The last ``memory`` residuals f_j and mixed points y_j = x_j + b·f_j are written straight into two ring
+    buffers (batch × memory × n, in the state's dtype); an evaluation then makes one batched product over each,
+    for the Gram matrix and for the next iterate: on a CPU it is this memory traffic, not the arithmetic, that the
+    solver costs."""
     if steps < 1:
         return Solved(start, 0, False)
     shapes = [t.shape for t in start]
@@ -130,52 +149,85 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
 
     x = flat(start)
     reference = x if origin is None else flat(origin)
-    images = torch.empty(batch, memory, x.shape[1], dtype=x.dtype, device=x.device)
-    residuals = torch.empty_like(images)
-    gram = torch.zeros(batch, memory, memory, dtype=torch.float64, device=x.device)
-    tiny = torch.finfo(torch.float64).tiny
-    best = (float("inf"), x, 0)
+    reference_size = float(torch.linalg.vector_norm(reference))
+    # Row 0: U(x) − reference, the distance travelled; rows 1 … memory: the ring of residuals f_j. One product of
+    # the rows written so far gives the residuals' Gram matrix and, on its diagonal, both norms the stopping rule
+    # reads, without a pass of their own.
+    rows = torch.empty(batch, memory + 1, x.shape[1], dtype=x.dtype, device=x.device)
+    moved_by, residuals = rows[:, 0], rows[:, 1:]
+    mixed = torch.empty_like(residuals)
+    resolution, tiny = torch.finfo(x.dtype).eps, torch.finfo(x.dtype).tiny
+    mixing: torch.Tensor | None = None    # b, one per sample (batch × 1), from the first two residuals of a run
+    best: tuple[float, torch.Tensor] = (float("inf"), x)
     smallest: list[float] = []   # the smallest residual after each evaluation
-    stored = 0
+    stored = 0                   # residuals in the ring since the last plain step
     for k in range(1, steps + 1):
         image = flat(update(unflat(x)))
-        if not bool(torch.isfinite(image.sum())):
+        slot, count = stored % memory, min(stored + 1, memory)
+        f = torch.sub(image, x, out=residuals[:, slot])
+        torch.sub(image, reference, out=moved_by)
+        products = torch.bmm(rows[:, :1 + count], rows[:, :1 + count].transpose(1, 2)).double()
+        f_size, moved = products[:, 1 + slot, 1 + slot].sum().sqrt(), products[:, 0, 0].sum().sqrt()
+        f_size, moved = torch.stack([f_size, moved]).tolist()
+        if not math.isfinite(f_size) and not bool(torch.isfinite(image).all()):
             diverged(k)
-        f = image - x
-        moved = torch.linalg.vector_norm(image - reference)
-        residual = float(torch.linalg.vector_norm(f) / moved.clamp_min(torch.finfo(x.dtype).tiny))
+        moved = max(moved, tiny)
+        residual = f_size / moved
         residual = residual if residual == residual else float("inf")  # an overflow on finite states is not NaN
-        if residual <= tol:
-            return Solved(unflat(image), k, True)
+        # Where f is within one rounding of the state (‖f‖ ≤ ε·‖U(x)‖, tested on the bound ‖reference‖ + moved
+        # first, to read ‖U(x)‖ only when it can matter), no smaller residual means a better fixed point.
+        if residual <= tol or (residual < float("inf") and f_size <= resolution * (reference_size + moved)
+                               and f_size <= resolution * float(torch.linalg.vector_norm(image))):
+            return Solved(unflat(image), k, True, residual)
         if residual < best[0]:
-            best = (residual, image, k)
+            best = (residual, image)
         smallest.append(best[0])
         window = PATIENCE * memory
         if k == steps or (k > window and best[0] > STALL * smallest[k - 1 - window]):
-            return Solved(unflat(best[1]), k, False)
-        if residual == float("inf"):  # the residuals' products would overflow: no mixing, a plain step
+            return Solved(unflat(best[1]), k, False, best[0])
+        if residual == float("inf"):  # the residuals' products overflowed: a plain step, the history restarted
+            residuals[:, 0] = f
+            x, mixing, stored = image, None, 1
+            continue
+        stored += 1
+        if stored == 1:  # a plain step, x' = U(x) = x + f, so that the next residual gives b
             x = image
             continue
-        slot, count = stored % memory, min(stored + 1, memory)
-        stored += 1
-        images[:, slot], residuals[:, slot] = image, f
-        # vecdot, not bmm: a batch of matrix-vector products is a gemv that bmm runs 4.5× slower on the CPU (lm:
-        # 1.0 against 0.22 ms, about a third of a force evaluation).
-        products = torch.linalg.vecdot(residuals[:, :count], f[:, None, :]).double()       # B × count
-        gram[:, slot, :count] = gram[:, :count, slot] = products
-        # α = argmin ‖Σ α_i f_i‖² with Σ α_i = 1, from the Gram matrix of the unit f_i/‖f_i‖: a unit diagonal, so
-        # the newest residuals, orders of magnitude smaller than the oldest, are not lost below the
-        # regularisation.
-        lengths = torch.diagonal(gram[:, :count, :count], dim1=1, dim2=2).clamp_min(tiny).sqrt()     # B × count
-        system = torch.zeros(batch, count + 1, count + 1, dtype=torch.float64, device=x.device)
-        system[:, 0, 1:] = system[:, 1:, 0] = 1 / lengths
-        system[:, 1:, 1:] = gram[:, :count, :count] / (lengths[:, :, None] * lengths[:, None, :]) + \
-            REGULARISATION * torch.eye(count, dtype=torch.float64, device=x.device)
-        rhs = torch.zeros(batch, count + 1, 1, dtype=torch.float64, device=x.device)
-        rhs[:, 0] = 1
-        alpha = (torch.linalg.solve(system, rhs)[:, 1:, 0] / lengths).to(x.dtype)                # B × count
-        x = torch.bmm(alpha[:, None, :], images[:, :count])[:, 0]
+        if mixing is None:
+            first = residuals[:, slot - 1]
+            mixing = _mixing(first, f - first)
+            torch.addcmul(x, first, mixing - 1, out=mixed[:, slot - 1])    # y of the plain step's x, which is x − f
+        torch.addcmul(x, f, mixing, out=mixed[:, slot])
+        alpha = _coefficients(products[:, 1:, 1:]).to(x.dtype)
+        x = torch.bmm(alpha[:, None, :], mixed[:, :count])[:, 0]
     raise AssertionError("the loop returns at its last evaluation")
+
+
+def _coefficients(gram: torch.Tensor) -> torch.Tensor:
+    """α = argmin ‖Σ_j α_j f_j‖² subject to Σ_j α_j = 1, per sample, from the Gram matrix of the f_j (batch × m ×
+    m, float64). In the unit residuals f̂_j = f_j/ℓ_j, α_j = z_j/(ℓ_j·Σ_i z_i/ℓ_i) with (Ĝ + λI)z = 1/ℓ: scaled so
+    that the newest residuals, orders of magnitude smaller than the oldest, are not lost below the regularisation λ
+    (:data:`REGULARISATION`)."""
+    squared = torch.diagonal(gram, dim1=1, dim2=2)
+    # A sample whose residual came out exactly zero (it reached its fixed point before the batch did) keeps a unit
+    # residual far below the others, not a zero one, whose 1/ℓ² would overflow: it then takes all the weight.
+    floor = (squared.amax(dim=1, keepdim=True) * SMALLEST_LENGTH).clamp_min(torch.finfo(torch.float64).tiny)
+    inverse_lengths = torch.maximum(squared, floor).rsqrt()
+    unit = gram * inverse_lengths[:, :, None] * inverse_lengths[:, None, :]
+    unit.diagonal(dim1=1, dim2=2).add_(REGULARISATION)
+    z = torch.linalg.solve(unit, inverse_lengths[:, :, None])[:, :, 0] * inverse_lengths
+    return z / z.sum(dim=1, keepdim=True)
+
+
+def _mixing(f: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
+    """b = −⟨ΔX, ΔF⟩ / ‖ΔF‖² per sample, from a plain step (ΔX = f₁, ΔF = f₂ − f₁): the step length along f that
+    the map's own secant asks for, within [1/MIXING_LIMIT, MIXING_LIMIT]; 1, the plain step, where the secant says
+    nothing (a first step that did not reduce the residual, or no change)."""
+    along = -torch.linalg.vecdot(f, difference)
+    length = torch.linalg.vecdot(difference, difference)
+    b = along / length.clamp_min(torch.finfo(f.dtype).tiny)
+    usable = (along > 0) & torch.isfinite(b)
+    return torch.where(usable, b.clamp(1 / MIXING_LIMIT, MIXING_LIMIT), torch.ones_like(b))[:, None]
 
 
 SOLVERS: dict[str, Solver] = {"plain": plain, "anderson": anderson}

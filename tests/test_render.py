@@ -205,3 +205,22 @@ def test_the_title_says_which_rows_were_captured_and_which_stacked():
     for row in data["results"]:
         row["execution"] = "captured"
     assert "(CUDA graphs)" in comparison_title(data)
+
+
+def test_a_comparison_names_the_phases_that_stopped_at_the_states_resolution_and_those_short_of_tol():
+    """A tolerance solver's phases, as the harness records them: one that stopped on its bound (not converged),
+    ones that converged above tol because the state resolves no finer (float32's nudged phases), and ones within
+    tol, which no note names."""
+    data = comparison()
+    data["model"]["config"]["tol"] = 1e-6
+    phases = {"ep": [("free", 17, True, 8.7e-7), ("nudged", 15, True, 1.7e-5), ("nudged", 10, True, 2.0e-5)],
+              "aep": [("free", 17, True, 8.7e-7), ("nudged", 20, False, 3.1e-4), ("nudged", 10, True, 2.4e-5)],
+              "adjoint": [("free", 17, True, 8.7e-7)]}
+    for row in data["results"]:
+        row["stats"] = {"phases": [dict(zip(("phase", "evaluations", "converged", "residual"), p))
+                                   for p in phases.get(row["label"], [])]}
+    text = " ".join(render(comparison_report(data, per_parameter=False), 200).split())
+    assert ("tolerance NOT reached (tol = 1e-06): aep (1 nudged phase) stopped on their bound of evaluations" in text)
+    assert ("tol = 1e-06 is finer than the state resolves: ep (2 nudged phases, residual up to 2.0e-05); aep "
+            "(1 nudged phase, residual up to 2.4e-05) stopped within one rounding of the state") in text
+    assert "adjoint (" not in text

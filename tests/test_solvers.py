@@ -129,23 +129,55 @@ def test_the_comparison_says_which_phases_stopped_before_their_tolerance():
     assert "phases" not in comparison.result("ep").stats
 
 
-def test_anderson_stops_once_its_residual_no_longer_halves():
-    """Below float32's rounding the residual creeps (new smallest values keep coming, a little smaller each time):
-    on a linear contraction with an unreachable tolerance, Anderson stops once its smallest residual has not halved
-    in 10·memory evaluations (99 here; waiting for any new smallest value took 328), at the fixed point to float32
-    accuracy."""
+def contraction(units: int = 64, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, b, x*) of the linear contraction x ↦ Ax + b, A symmetric with eigenvalues 0.2 … 0.95, in float64."""
     generator = torch.Generator().manual_seed(0)
-    units = 64
     rotation, _ = torch.linalg.qr(torch.randn(units, units, generator=generator, dtype=torch.float64))
-    contraction = (rotation * torch.linspace(0.2, 0.95, units, dtype=torch.float64)) @ rotation.T
-    drive = torch.randn(8, units, generator=generator, dtype=torch.float64)
-    exact = torch.linalg.solve(torch.eye(units, dtype=torch.float64) - contraction, drive.T).T
-    A, b = contraction.float(), drive.float()
+    A = (rotation * torch.linspace(0.2, 0.95, units, dtype=torch.float64)) @ rotation.T
+    b = torch.randn(batch, units, generator=generator, dtype=torch.float64)
+    return A, b, torch.linalg.solve(torch.eye(units, dtype=torch.float64) - A, b.T).T
 
-    def never(k):
-        raise AssertionError(f"diverged at {k}")
 
-    solved = anderson(lambda s: (s[0] @ A.T + b,), (torch.zeros(8, units),), 5000, tol=1e-30, memory=5,
-                      diverged=never)
-    assert not solved.converged and solved.evaluations <= 120
-    assert float(torch.linalg.vector_norm(solved.state[0].double() - exact) / torch.linalg.vector_norm(exact)) < 2e-6
+def never(k):
+    raise AssertionError(f"diverged at {k}")
+
+
+def test_anderson_stops_at_the_resolution_of_the_state():
+    """A tolerance below float32's rounding: Anderson stops, converged, once ‖U(x) − x‖ is within one rounding of the
+    state (ε₃₂·‖U(x)‖), at the fixed point to float32 accuracy, and reports the residual it reached."""
+    A, b, exact = contraction()
+    solved = anderson(lambda s: (s[0] @ A.float().T + b.float(),), (torch.zeros(8, 64),), 5000, tol=1e-30,
+                      memory=5, diverged=never)
+    assert solved.converged and solved.evaluations <= 60
+    # From x₀ = 0 the distance travelled is ‖U(x)‖ itself, so the residual that stopped it is at most ε₃₂.
+    assert 1e-30 < solved.residual <= torch.finfo(torch.float32).eps
+    x = solved.state[0].double()
+    assert float(torch.linalg.vector_norm(x - exact) / torch.linalg.vector_norm(exact)) < 2e-6
+
+
+def test_anderson_stops_once_its_residual_no_longer_halves():
+    """An update whose every evaluation is off by a relative 1e-7 (a stand-in for rounding it cannot get below,
+    far above float64's): the residual stalls near there, and Anderson stops, not converged, once its smallest
+    residual has not halved in 10·memory evaluations, with the best iterate it saw."""
+    A, b, exact = contraction()
+    noise = torch.Generator().manual_seed(1)
+
+    def noisy(state):
+        image = state[0] @ A.T + b
+        return (image * (1 + 1e-7 * torch.randn(image.shape, generator=noise, dtype=image.dtype)),)
+
+    solved = anderson(noisy, (torch.zeros(8, 64, dtype=torch.float64),), 5000, tol=1e-30, memory=5, diverged=never)
+    assert not solved.converged and solved.evaluations <= 150
+    assert 1e-8 < solved.residual < 1e-5
+    assert float(torch.linalg.vector_norm(solved.state[0] - exact) / torch.linalg.vector_norm(exact)) < 1e-5
+
+
+def test_anderson_steps_by_the_length_its_first_secant_asks_for():
+    """On x ↦ ρx + c the residual is f = (ρ − 1)(x − x*): the first difference gives b = 1/(1 − ρ), and the step
+    x + b·f lands on x*, so the third evaluation finds the fixed point (the plain iteration needs 130 steps for
+    1e-6 at ρ = 0.9)."""
+    c = torch.randn(4, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    solved = anderson(lambda s: (0.9 * s[0] + c,), (torch.zeros(4, 16, dtype=torch.float64),), 100, tol=1e-12,
+                      memory=5, diverged=never)
+    assert solved.converged and solved.evaluations == 3
+    assert torch.allclose(solved.state[0], 10 * c, rtol=1e-12)

@@ -168,7 +168,8 @@ def captured_note(data: dict[str, Any]) -> str:
 
 def comparison_table(data: dict[str, Any]) -> Table:
     groups = list(data["parameter_groups"])
-    lines = [fixed_point_line(data) or residual_stream_line(data), unreached_tolerance_line(data)]
+    lines = [fixed_point_line(data) or residual_stream_line(data), unreached_tolerance_line(data),
+             resolution_line(data)]
     caption = "\n".join(line for line in lines if line) or None
     table = Table(title=comparison_title(data), caption=caption, header_style="bold")
     doubtful = data.get("meaningful") is False
@@ -230,6 +231,26 @@ def unreached_tolerance_line(data: dict[str, Any], where: str = "") -> str | Non
         return None
     return (f"tolerance NOT reached (tol = {data['model']['config'].get('tol'):g}){where}: {'; '.join(stopped)} "
             f"stopped on their bound of evaluations (T1, T2) or where the residual stopped falling")
+
+
+def resolution_line(data: dict[str, Any], where: str = "") -> str | None:
+    """The phases that a solver with a tolerance left converged to the state's resolution, above the tolerance:
+    ‖G(x) − x‖ within one rounding of x (ε·‖G(x)‖), where a smaller residual no longer means a better fixed point;
+    float32 resolves a nudged phase's displacement only to about ε₃₂·‖x*‖ / ‖x − x*‖."""
+    stopped, tol = [], None
+    for row in data["results"]:
+        phases = row.get("stats", {}).get("phases", [])
+        if phases and tol is None:
+            tol = data["model"]["config"]["tol"]
+        coarse = [p for p in phases if p["converged"] and (p.get("residual") or 0) > tol]
+        if coarse:
+            phases = Counter(p["phase"] for p in coarse)
+            counts = ", ".join(f"{n} {phase} phase{'s' if n > 1 else ''}" for phase, n in phases.items())
+            stopped.append(f"{row['label']} ({counts}, residual up to {max(p['residual'] for p in coarse):.1e})")
+    if not stopped:
+        return None
+    return (f"tol = {tol:g} is finer than the state resolves{where}: {'; '.join(stopped)} stopped within one "
+            f"rounding of the state")
 
 
 def _first_of(lines: Iterable[str | None], unit: str) -> str | None:
@@ -311,10 +332,11 @@ def seeds_table(data: dict[str, Any]) -> Table:
     title = comparison_title(first).rsplit(" · seed ", 1)[0] + f" · seeds {seeds[0]}–{seeds[-1]}"
     caption = (f"ms: median per gradient of all {len(seeds)} problems together"
                + (" (replays of one CUDA graph)" if captured_note(first) else ""))
-    unreached = _first_of((unreached_tolerance_line(comparison, f" in seed {seed}")
-                           for seed, comparison in zip(seeds, comparisons)), "seed")
-    if unreached:
-        caption += "\n" + unreached
+    for line in (unreached_tolerance_line, resolution_line):
+        note = _first_of((line(comparison, f" in seed {seed}") for seed, comparison in zip(seeds, comparisons)),
+                         "seed")
+        if note:
+            caption += "\n" + note
     table = Table(title=title, header_style="bold", caption=caption)
     table.add_column("seed", justify="right", no_wrap=True)
     for label in compared:
@@ -438,9 +460,9 @@ def sweep_report(data: dict[str, Any], rows: list[dict[str, Any]], group: str | 
     if sizes and sizes[-1] > 1:
         timing = (f"ms: median of one run of all the problems measured together ({', '.join(map(str, sizes))}: a "
                   "point's seeds, and on CUDA the points that differ only in knobs that stack)")
-    unreached = _first_of((unreached_tolerance_line(record["comparison"], f" at {_point(record)}")
-                           for record in data["records"] if record["status"] == "ok"), "run")
-    notes = [Text(unreached)] if unreached else []
+    notes = [Text(note) for line in (unreached_tolerance_line, resolution_line)
+             if (note := _first_of((line(record["comparison"], f" at {_point(record)}")
+                                    for record in data["records"] if record["status"] == "ok"), "run"))]
     return [Stacked(sweep_table(data, rows, group), keys=keys),
             *([Stacked(failures, keys=keys)] if failures else []),
             *notes,

@@ -13,7 +13,9 @@ starting from x₀, with at most ``steps`` evaluations of U:
                step (within [1/10, 10]; the same for the whole phase): the plain iteration's step ε is what T1,
                T2 and bptt are defined by, not the length that suits an accelerated solver, and with b = 1 lm's
                free phase needed 27 evaluations to 1e-6 where it needs 17 (b ≈ 4.5, the step 1/(1 + s·c) its
-               linear part asks for). It stops as soon as the residual relative to the distance travelled,
+               linear part asks for). Where the residual then stops halving (:data:`SECANT_PATIENCE`), the
+               secant's b was too long for modes the first residual hardly carried, and the phase goes on from
+               its best point with b = 1. It stops as soon as the residual relative to the distance travelled,
                ‖U(x) − x‖ / ‖U(x) − x₀‖ over the batch, is at most ``tol``, or once ‖U(x) − x‖ is within one
                rounding of the state, ε·‖U(x)‖ with ε the dtype's machine epsilon, where a smaller residual is
                no longer a better fixed point (float32 resolves a nudged phase's O(β) displacement only to about
@@ -72,6 +74,12 @@ SMALLEST_LENGTH = 1e-100
 """The least ‖f_j‖², relative to a sample's largest, that Anderson's coefficients divide by (:func:`_coefficients`)."""
 MIXING_LIMIT = 10.0
 """The bound on Anderson's mixing b and on 1/b (:func:`_mixing`)."""
+SECANT_PATIENCE = 2
+"""Where the smallest residual has not halved in SECANT_PATIENCE·m evaluations, Anderson goes back to that point
+with b = 1 and a cleared history, once per phase: a secant taken along the first residual can ask for a step too
+long for modes that residual hardly carried (cet's −β phase, started from the reflection of the +β one, whose
+residual lies in few modes: b ≈ 6.6 there, 2.5 in the +β phase, and the phase stalled at 5.6e-6 where b = 1
+converges; a linear map with a stiff and a soft half, started along the soft half, crept for 186 evaluations)."""
 PATIENCE = 10
 STALL = 0.5
 """Anderson stops when its smallest residual has not fallen below STALL times what it was PATIENCE·m evaluations
@@ -158,9 +166,17 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
     mixed = torch.empty_like(residuals)
     resolution, tiny = torch.finfo(x.dtype).eps, torch.finfo(x.dtype).tiny
     mixing: torch.Tensor | None = None    # b, one per sample (batch × 1), from the first two residuals of a run
+    secant = True                         # b from the secant, until the residual stops halving (SECANT_PATIENCE)
     best: tuple[float, torch.Tensor] = (float("inf"), x)
     smallest: list[float] = []   # the smallest residual after each evaluation
     stored = 0                   # residuals in the ring since the last plain step
+
+    def stalled(patience: int) -> bool:
+        """Whether the smallest residual has not fallen below STALL times what it was patience·memory evaluations
+        ago."""
+        window = patience * memory
+        return len(smallest) > window and smallest[-1] > STALL * smallest[-1 - window]
+
     for k in range(1, steps + 1):
         image = flat(update(unflat(x)))
         slot, count = stored % memory, min(stored + 1, memory)
@@ -182,12 +198,16 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
         if residual < best[0]:
             best = (residual, image)
         smallest.append(best[0])
-        window = PATIENCE * memory
-        if k == steps or (k > window and best[0] > STALL * smallest[k - 1 - window]):
+        if k == steps or stalled(PATIENCE):
             return Solved(unflat(best[1]), k, False, best[0])
         if residual == float("inf"):  # the residuals' products overflowed: a plain step, the history restarted
             residuals[:, 0] = f
             x, mixing, stored = image, None, 1
+            continue
+        if secant and mixing is not None and stalled(SECANT_PATIENCE):
+            # The secant's b is too long for modes its first step hardly saw: again from the best point, with the
+            # history cleared and the plain step's length.
+            x, mixing, stored, secant = best[1], None, 0, False
             continue
         stored += 1
         if stored == 1:  # a plain step, x' = U(x) = x + f, so that the next residual gives b
@@ -195,7 +215,7 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
             continue
         if mixing is None:
             first = residuals[:, slot - 1]
-            mixing = _mixing(first, f - first)
+            mixing = _mixing(first, f - first) if secant else torch.ones_like(f[:, :1])
             torch.addcmul(x, first, mixing - 1, out=mixed[:, slot - 1])    # y of the plain step's x, which is x − f
         torch.addcmul(x, f, mixing, out=mixed[:, slot])
         alpha = _coefficients(products[:, 1:, 1:]).to(x.dtype)

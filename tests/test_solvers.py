@@ -13,6 +13,7 @@ from ep_core.harness import counting, gradient_metrics
 from ep_core.models.toy import Toy, ToyConfig
 from ep_core.protocols import DivergenceError
 from ep_core.relax import free_phase, norm, relaxation_map, sub
+from ep_core import solvers
 from ep_core.solvers import anderson
 
 
@@ -181,3 +182,30 @@ def test_anderson_steps_by_the_length_its_first_secant_asks_for():
                       memory=5, diverged=never)
     assert solved.converged and solved.evaluations == 3
     assert torch.allclose(solved.state[0], 10 * c, rtol=1e-12)
+
+
+def test_anderson_falls_back_to_the_plain_step_length_when_the_secants_one_stops_converging(monkeypatch):
+    """x ↦ x + ε(Ax + c) with half of A's eigenvalues soft (−0.1) and half stiff (−12 … −8), started along the soft
+    half: the first secant asks for b ≈ 3, under which the plain step's stable stiff modes (1 + ε·λ ≥ −0.2) turn
+    unstable (1 + b·ε·λ ≈ −2.6) and the residual creeps (still 5e-4 after 60 evaluations; stopped by the stall
+    rule at 186, not converged). Once its smallest residual has not halved in SECANT_PATIENCE·m evaluations,
+    Anderson starts again from its best point with b = 1, and converges."""
+    generator = torch.Generator().manual_seed(3)
+    units = 64
+    rotation, _ = torch.linalg.qr(torch.randn(units, units, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.cat([torch.full((32,), -0.1), torch.linspace(-12, -8, 32)]).double()
+    A = (rotation * eigenvalues) @ rotation.T
+    exact = torch.randn(4, units, generator=generator, dtype=torch.float64)
+    c = -(exact @ A.T)
+    start = (exact + torch.randn(4, 32, generator=generator, dtype=torch.float64) @ rotation[:, :32].T
+             + 1e-3 * torch.randn(4, 32, generator=generator, dtype=torch.float64) @ rotation[:, 32:].T)
+
+    def solve():
+        return anderson(lambda s: (s[0] + 0.1 * (s[0] @ A.T + c),), (start,), 500, tol=1e-10, memory=3,
+                        diverged=never)
+
+    solved = solve()
+    assert solved.converged and solved.evaluations <= 45
+    assert float(torch.linalg.vector_norm(solved.state[0] - exact) / torch.linalg.vector_norm(exact)) < 1e-8
+    monkeypatch.setattr(solvers, "SECANT_PATIENCE", 10_000)
+    assert not solve().converged

@@ -35,8 +35,8 @@ Batch = dict[str, torch.Tensor]
 class Dynamics:
     """Step size and free-phase length: they define the fixed point, so every estimator shares them; and the
     fixed-point solver of the free and nudged phases (``ep_core.solvers``): ``plain`` iterates G exactly T1 (T2)
-    times, ``anderson`` accelerates it until the relative residual is at most ``tol``, with at most T1 (T2)
-    force evaluations and a history of ``memory`` iterates."""
+    times, ``anderson`` accelerates it until the relative residual is at most ``tol`` (or within the state's
+    resolution), with at most T1 (T2) force evaluations and a history of ``memory`` iterates."""
 
     eps: float
     T1: int

@@ -268,7 +268,8 @@ def solver_option() -> str:
 
 def tol_option() -> float:
     return option(1e-6, "residual ||G(x) − x|| relative to the distance from the start at which solver=anderson "
-                        "stops", gt=0)
+                        "stops (or at the state's resolution, ||G(x) − x|| <= eps·||G(x)||, where that is coarser)",
+                  gt=0)
 
 
 def memory_option() -> int:

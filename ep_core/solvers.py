@@ -70,8 +70,6 @@ class Solved(NamedTuple):
 Solver = Callable[..., Solved]
 
 REGULARISATION = 1e-10
-SMALLEST_LENGTH = 1e-100
-"""The least ‖f_j‖², relative to a sample's largest, that Anderson's coefficients divide by (:func:`_coefficients`)."""
 MIXING_LIMIT = 10.0
 """The bound on Anderson's mixing b and on 1/b (:func:`_mixing`)."""
 SECANT_PATIENCE = 2
@@ -225,17 +223,16 @@ def anderson(update: Update, start: State, steps: int, *, tol: float, memory: in
 
 def _coefficients(gram: torch.Tensor) -> torch.Tensor:
     """α = argmin ‖Σ_j α_j f_j‖² subject to Σ_j α_j = 1, per sample, from the Gram matrix of the f_j (batch × m ×
-    m, float64). In the unit residuals f̂_j = f_j/ℓ_j, α_j = z_j/(ℓ_j·Σ_i z_i/ℓ_i) with (Ĝ + λI)z = 1/ℓ: scaled so
-    that the newest residuals, orders of magnitude smaller than the oldest, are not lost below the regularisation λ
-    (:data:`REGULARISATION`)."""
-    squared = torch.diagonal(gram, dim1=1, dim2=2)
-    # A sample whose residual came out exactly zero (it reached its fixed point before the batch did) keeps a unit
-    # residual far below the others, not a zero one, whose 1/ℓ² would overflow: it then takes all the weight.
-    floor = (squared.amax(dim=1, keepdim=True) * SMALLEST_LENGTH).clamp_min(torch.finfo(torch.float64).tiny)
-    inverse_lengths = torch.maximum(squared, floor).rsqrt()
+    m, float64). In the unit residuals f̂_j = f_j/ℓ_j, α_j ∝ z_j/ℓ_j with (Ĝ + λI)z = 1/ℓ: scaled so that the newest
+    residuals, orders of magnitude smaller than the oldest, are not lost below the regularisation λ
+    (:data:`REGULARISATION`). The right-hand side is divided by its largest entry, which leaves α as it is and
+    keeps every product finite where a sample's residual came out exactly zero (it reached its fixed point before
+    the batch did: 1/ℓ is then 1/√tiny, and that residual takes all the weight)."""
+    inverse_lengths = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
     unit = gram * inverse_lengths[:, :, None] * inverse_lengths[:, None, :]
     unit.diagonal(dim1=1, dim2=2).add_(REGULARISATION)
-    z = torch.linalg.solve(unit, inverse_lengths[:, :, None])[:, :, 0] * inverse_lengths
+    weights = inverse_lengths / inverse_lengths.amax(dim=1, keepdim=True)
+    z = torch.linalg.solve(unit, weights[:, :, None])[:, :, 0] * weights
     return z / z.sum(dim=1, keepdim=True)
 
 

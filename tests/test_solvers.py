@@ -209,3 +209,16 @@ def test_anderson_falls_back_to_the_plain_step_length_when_the_secants_one_stops
     assert float(torch.linalg.vector_norm(solved.state[0] - exact) / torch.linalg.vector_norm(exact)) < 1e-8
     monkeypatch.setattr(solvers, "SECANT_PATIENCE", 10_000)
     assert not solve().converged
+
+
+@pytest.mark.parametrize("memory", [1, 5])
+def test_a_sample_already_at_its_fixed_point_leaves_the_others_converging(memory):
+    """x ↦ x/2 + c with sample 0 started at its fixed point 2c, which the map returns exactly: its residual is 0
+    at every evaluation, and its coefficients must stay finite (1/‖f‖ would overflow) while the others converge."""
+    c = torch.randn(4, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    start = torch.zeros_like(c)
+    start[0] = 2 * c[0]
+    solved = anderson(lambda s: (0.5 * s[0] + c,), (start,), 200, tol=1e-12, memory=memory, diverged=never)
+    assert solved.converged and bool(torch.isfinite(solved.state[0]).all())
+    assert torch.equal(solved.state[0][0], 2 * c[0])
+    assert torch.allclose(solved.state[0], 2 * c, rtol=1e-10)

@@ -168,8 +168,7 @@ def captured_note(data: dict[str, Any]) -> str:
 
 def comparison_table(data: dict[str, Any]) -> Table:
     groups = list(data["parameter_groups"])
-    lines = [fixed_point_line(data) or residual_stream_line(data), unreached_tolerance_line(data),
-             resolution_line(data)]
+    lines = [fixed_point_line(data) or residual_stream_line(data), *(line(data) for line in TOLERANCE_LINES)]
     caption = "\n".join(line for line in lines if line) or None
     table = Table(title=comparison_title(data), caption=caption, header_style="bold")
     doubtful = data.get("meaningful") is False
@@ -221,12 +220,8 @@ def fixed_point_line(data: dict[str, Any]) -> str | None:
 def unreached_tolerance_line(data: dict[str, Any], where: str = "") -> str | None:
     """The phases that a solver with a tolerance (solver=anderson) left before reaching it, by row: a nudged phase's
     residual is relative to its displacement from x*, which float32 resolves only to about ε₃₂·‖x*‖ / ‖x − x*‖."""
-    stopped = []
-    for row in data["results"]:
-        phases = Counter(p["phase"] for p in row.get("stats", {}).get("phases", []) if p["converged"] is False)
-        if phases:
-            counts = (f"{n} {phase} phase{'s' if n > 1 else ''}" for phase, n in phases.items())
-            stopped.append(f"{row['label']} ({', '.join(counts)})")
+    stopped = [f"{row['label']} ({_phase_counts(unreached)})" for row, phases in _recorded_phases(data)
+               if (unreached := [p for p in phases if p["converged"] is False])]
     if not stopped:
         return None
     return (f"tolerance NOT reached (tol = {data['model']['config'].get('tol'):g}){where}: {'; '.join(stopped)} "
@@ -237,20 +232,32 @@ def resolution_line(data: dict[str, Any], where: str = "") -> str | None:
     """The phases that a solver with a tolerance left converged to the state's resolution, above the tolerance:
     ‖G(x) − x‖ within one rounding of x (ε·‖G(x)‖), where a smaller residual no longer means a better fixed point;
     float32 resolves a nudged phase's displacement only to about ε₃₂·‖x*‖ / ‖x − x*‖."""
-    stopped, tol = [], None
-    for row in data["results"]:
-        phases = row.get("stats", {}).get("phases", [])
-        if phases and tol is None:
-            tol = data["model"]["config"]["tol"]
-        coarse = [p for p in phases if p["converged"] and (p.get("residual") or 0) > tol]
-        if coarse:
-            phases = Counter(p["phase"] for p in coarse)
-            counts = ", ".join(f"{n} {phase} phase{'s' if n > 1 else ''}" for phase, n in phases.items())
-            stopped.append(f"{row['label']} ({counts}, residual up to {max(p['residual'] for p in coarse):.1e})")
+    recorded = _recorded_phases(data)
+    if not recorded:
+        return None
+    tol = data["model"]["config"]["tol"]
+    stopped = [f"{row['label']} ({_phase_counts(coarse)}, residual up to {max(p['residual'] for p in coarse):.1e})"
+               for row, phases in recorded
+               if (coarse := [p for p in phases if p["converged"] and (p.get("residual") or 0) > tol])]
     if not stopped:
         return None
     return (f"tol = {tol:g} is finer than the state resolves{where}: {'; '.join(stopped)} stopped within one "
             f"rounding of the state")
+
+
+TOLERANCE_LINES = (unreached_tolerance_line, resolution_line)
+"""The notes on a tolerance solver's phases, in the order a caption lists them."""
+
+
+def _recorded_phases(data: dict[str, Any]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(row, its relaxations' records) for each row that has them: only a solver with a tolerance records phases."""
+    return [(row, phases) for row in data["results"] if (phases := row.get("stats", {}).get("phases"))]
+
+
+def _phase_counts(phases: list[dict[str, Any]]) -> str:
+    """'2 nudged phases, 1 free phase': how many of each kind of phase."""
+    return ", ".join(f"{n} {phase} phase{'s' if n > 1 else ''}"
+                     for phase, n in Counter(p["phase"] for p in phases).items())
 
 
 def _first_of(lines: Iterable[str | None], unit: str) -> str | None:
@@ -332,7 +339,7 @@ def seeds_table(data: dict[str, Any]) -> Table:
     title = comparison_title(first).rsplit(" · seed ", 1)[0] + f" · seeds {seeds[0]}–{seeds[-1]}"
     caption = (f"ms: median per gradient of all {len(seeds)} problems together"
                + (" (replays of one CUDA graph)" if captured_note(first) else ""))
-    for line in (unreached_tolerance_line, resolution_line):
+    for line in TOLERANCE_LINES:
         note = _first_of((line(comparison, f" in seed {seed}") for seed, comparison in zip(seeds, comparisons)),
                          "seed")
         if note:
@@ -460,7 +467,7 @@ def sweep_report(data: dict[str, Any], rows: list[dict[str, Any]], group: str | 
     if sizes and sizes[-1] > 1:
         timing = (f"ms: median of one run of all the problems measured together ({', '.join(map(str, sizes))}: a "
                   "point's seeds, and on CUDA the points that differ only in knobs that stack)")
-    notes = [Text(note) for line in (unreached_tolerance_line, resolution_line)
+    notes = [Text(note) for line in TOLERANCE_LINES
              if (note := _first_of((line(record["comparison"], f" at {_point(record)}")
                                     for record in data["records"] if record["status"] == "ok"), "run"))]
     return [Stacked(sweep_table(data, rows, group), keys=keys),

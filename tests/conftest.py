@@ -18,8 +18,11 @@ torch.set_num_threads(1)
 # Tables are laid out for $COLUMNS when it is set; the tests that read tables expect the pipe default.
 os.environ.pop("COLUMNS", None)
 
-# Tests read real data from ../shared/data unless the caller points elsewhere.
-if "EPX_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+# Tests read real data from ../shared/data unless the caller points elsewhere. A relative EPX_DATA_DIR is made
+# absolute: the loaders report the paths they resolved, and the tests' subprocesses may run in other folders.
+if os.environ.get("EPX_DATA_DIR"):
+    os.environ["EPX_DATA_DIR"] = str(Path(os.environ["EPX_DATA_DIR"]).resolve())
+elif "EPX_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["EPX_DATA_DIR"] = str(SHARED_DATA)
 
 

@@ -224,7 +224,7 @@ def unreached_tolerance_line(data: dict[str, Any], where: str = "") -> str | Non
                if (unreached := [p for p in phases if p["converged"] is False])]
     if not stopped:
         return None
-    return (f"tolerance NOT reached (tol = {data['model']['config'].get('tol'):g}){where}: {'; '.join(stopped)} "
+    return (f"tolerance NOT reached (tol = {data['model']['config']['tol']:g}){where}: {'; '.join(stopped)} "
             f"stopped on their bound of evaluations (T1, T2) or where the residual stopped falling")
 
 
